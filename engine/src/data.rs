@@ -1,0 +1,636 @@
+//! WRPO rows: reading (JSON Lines or a JSON array), validation with file:line:field errors, and
+//! tokenisation into prompt + completion ids.
+//!
+//! Row format (the WRPO authors'): `prompt` is a message, a list of messages or a string;
+//! `chosen` lists the K ≥ 1 source responses then the target's response; `rejected` lists R ≥ 1
+//! responses. Each response is a string, an assistant message, or a list of messages. Pre-tokenized
+//! rows `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}` are used as given.
+//!
+//! Tokenisation (TRL 1.x convention, see ../shared/reference/WRPO.md):
+//! - conversational rows (any message in the row): prompt = template(prompt messages, generation
+//!   prompt on); completion = template(prompt + response) with the prompt ids removed — an error if
+//!   the prompt ids are not a prefix. A string prompt becomes one user message, a string response
+//!   one assistant message.
+//! - plain rows (only strings): prompt = tokenizer(prompt) with special tokens (BOS where the
+//!   tokenizer adds it); completion = tokenizer(text, no special tokens) + EOS.
+//! - truncation: if prompt + longest completion > `max_length`, keep the last `max_prompt_length`
+//!   prompt tokens, then cut every completion to `max_length − prompt length`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{value::RawValue, Value};
+
+use crate::tokenizer::{Message, TextTokenizer};
+
+/// Roles accepted in messages.
+pub const ROLES: [&str; 6] = [
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "ipython",
+    "developer",
+];
+
+/// A prompt or a response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Text {
+    /// Plain text.
+    Plain(String),
+    /// Chat messages.
+    Messages(Vec<Message>),
+}
+
+/// The content of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowBody {
+    /// Text (to be tokenised).
+    Text {
+        /// The prompt.
+        prompt: Text,
+        /// K sources then the target's best response.
+        chosen: Vec<Text>,
+        /// R rejected responses.
+        rejected: Vec<Text>,
+    },
+    /// Token ids used as given.
+    Tokens {
+        /// Prompt ids.
+        prompt: Vec<u32>,
+        /// Chosen completion ids.
+        chosen: Vec<Vec<u32>>,
+        /// Rejected completion ids.
+        rejected: Vec<Vec<u32>>,
+    },
+}
+
+/// One parsed row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// 1-based line of the row in its file.
+    pub line: usize,
+    /// `prompt_id`, if the row has one.
+    pub prompt_id: Option<String>,
+    /// Content.
+    pub body: RowBody,
+}
+
+/// A bad row: file, line, field and what is wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowError {
+    /// The data file.
+    pub path: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// Field path such as `chosen[1].role` (empty when the row is not valid JSON).
+    pub field: String,
+    /// The problem.
+    pub msg: String,
+}
+
+impl fmt::Display for RowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}:{}: {}", self.path.display(), self.line, self.msg)
+        } else {
+            write!(
+                f,
+                "{}:{}: field `{}`: {}",
+                self.path.display(),
+                self.line,
+                self.field,
+                self.msg
+            )
+        }
+    }
+}
+
+impl std::error::Error for RowError {}
+
+type FieldError = (String, String);
+
+fn ferr(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
+    (field.into(), msg.into())
+}
+
+/// Read every row of a file. The outer error is for the file as a whole (unreadable, not JSON);
+/// each row is parsed on its own so the caller can fail or skip.
+pub fn read_rows(path: &Path) -> Result<Vec<Result<Row, RowError>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut out = Vec::new();
+    if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{}:{}: invalid JSON array: {e}", path.display(), e.line())
+        })?;
+        for raw in items {
+            let offset = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            let line = 1 + text[..offset].bytes().filter(|&b| b == b'\n').count();
+            out.push(parse_value(path, line, raw.get()));
+        }
+    } else {
+        for (i, l) in text.lines().enumerate() {
+            if !l.trim().is_empty() {
+                out.push(parse_value(path, i + 1, l));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_value(path: &Path, line: usize, src: &str) -> Result<Row, RowError> {
+    let mk = |(field, msg): FieldError| RowError {
+        path: path.to_path_buf(),
+        line,
+        field,
+        msg,
+    };
+    let v: Value =
+        serde_json::from_str(src).map_err(|e| mk(ferr("", format!("invalid JSON: {e}"))))?;
+    parse_row(&v, line).map_err(mk)
+}
+
+/// Validate one JSON row.
+pub fn parse_row(v: &Value, line: usize) -> Result<Row, FieldError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ferr("", "a row must be a JSON object"))?;
+    let prompt_id = match obj.get("prompt_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(ferr("prompt_id", "must be a string")),
+    };
+    let body = if obj.contains_key("prompt_input_ids") {
+        RowBody::Tokens {
+            prompt: ids(obj.get("prompt_input_ids"), "prompt_input_ids", true)?,
+            chosen: id_lists(obj.get("chosen_input_ids"), "chosen_input_ids")?,
+            rejected: id_lists(obj.get("rejected_input_ids"), "rejected_input_ids")?,
+        }
+    } else {
+        let prompt = match obj.get("prompt") {
+            None => return Err(ferr("prompt", "missing")),
+            Some(Value::String(s)) => Text::Plain(s.clone()),
+            Some(m @ Value::Object(_)) => Text::Messages(vec![message(m, "prompt", false)?]),
+            Some(Value::Array(a)) => {
+                if a.is_empty() {
+                    return Err(ferr("prompt", "empty message list"));
+                }
+                Text::Messages(
+                    a.iter()
+                        .enumerate()
+                        .map(|(i, m)| message(m, &format!("prompt[{i}]"), false))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            Some(_) => {
+                return Err(ferr(
+                    "prompt",
+                    "must be a string, a message or a list of messages",
+                ))
+            }
+        };
+        RowBody::Text {
+            prompt,
+            chosen: responses(obj.get("chosen"), "chosen")?,
+            rejected: responses(obj.get("rejected"), "rejected")?,
+        }
+    };
+    Ok(Row {
+        line,
+        prompt_id,
+        body,
+    })
+}
+
+fn message(v: &Value, field: &str, completion: bool) -> Result<Message, FieldError> {
+    let o = v.as_object().ok_or_else(|| {
+        ferr(
+            field,
+            "a message must be an object with `role` and `content`",
+        )
+    })?;
+    let role = match o.get("role") {
+        Some(Value::String(r)) => r.clone(),
+        Some(_) => return Err(ferr(format!("{field}.role"), "must be a string")),
+        None => return Err(ferr(format!("{field}.role"), "missing")),
+    };
+    if !ROLES.contains(&role.as_str()) {
+        return Err(ferr(
+            format!("{field}.role"),
+            format!(
+                "unknown role {role:?} (expected one of {})",
+                ROLES.join(", ")
+            ),
+        ));
+    }
+    if completion && role != "assistant" {
+        return Err(ferr(
+            format!("{field}.role"),
+            format!("a response must be an assistant message, found {role:?}"),
+        ));
+    }
+    let content = match o.get("content") {
+        Some(Value::String(c)) => c.clone(),
+        Some(_) => return Err(ferr(format!("{field}.content"), "must be a string")),
+        None => return Err(ferr(format!("{field}.content"), "missing")),
+    };
+    Ok(Message { role, content })
+}
+
+fn responses(v: Option<&Value>, field: &str) -> Result<Vec<Text>, FieldError> {
+    let a = match v {
+        None => return Err(ferr(field, "missing")),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ferr(field, "must be a list of responses")),
+    };
+    if a.is_empty() {
+        return Err(ferr(field, "must hold at least one response"));
+    }
+    a.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let f = format!("{field}[{i}]");
+            match item {
+                Value::String(s) if s.is_empty() => Err(ferr(f, "empty completion")),
+                Value::String(s) => Ok(Text::Plain(s.clone())),
+                Value::Object(_) => {
+                    let m = message(item, &f, true)?;
+                    if m.content.is_empty() {
+                        return Err(ferr(format!("{f}.content"), "empty completion"));
+                    }
+                    Ok(Text::Messages(vec![m]))
+                }
+                Value::Array(ms) if !ms.is_empty() => Ok(Text::Messages(
+                    ms.iter()
+                        .enumerate()
+                        .map(|(j, m)| message(m, &format!("{f}[{j}]"), true))
+                        .collect::<Result<_, _>>()?,
+                )),
+                _ => Err(ferr(
+                    f,
+                    "must be a string, an assistant message or a non-empty list of messages",
+                )),
+            }
+        })
+        .collect()
+}
+
+fn ids(v: Option<&Value>, field: &str, allow_empty: bool) -> Result<Vec<u32>, FieldError> {
+    let a = v
+        .and_then(Value::as_array)
+        .ok_or_else(|| ferr(field, "missing or not a list of token ids"))?;
+    if a.is_empty() && !allow_empty {
+        return Err(ferr(field, "empty completion"));
+    }
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            x.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| ferr(format!("{field}[{i}]"), format!("{x} is not a token id")))
+        })
+        .collect()
+}
+
+fn id_lists(v: Option<&Value>, field: &str) -> Result<Vec<Vec<u32>>, FieldError> {
+    let a = v
+        .and_then(Value::as_array)
+        .ok_or_else(|| ferr(field, "missing or not a list of id lists"))?;
+    if a.is_empty() {
+        return Err(ferr(field, "must hold at least one completion"));
+    }
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| ids(Some(x), &format!("{field}[{i}]"), false))
+        .collect()
+}
+
+/// Tokenisation settings.
+#[derive(Debug, Clone, Default)]
+pub struct EncodeOptions {
+    /// Longest prompt + completion, in tokens.
+    pub max_length: Option<usize>,
+    /// Prompt tokens kept (from the end) when a row is too long.
+    pub max_prompt_length: Option<usize>,
+    /// The model's vocabulary size: ids at or above it are rejected.
+    pub vocab_size: usize,
+}
+
+/// A tokenised row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// 1-based line in the data file.
+    pub line: usize,
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Chosen completion ids (K sources, then the target).
+    pub chosen: Vec<Vec<u32>>,
+    /// Rejected completion ids.
+    pub rejected: Vec<Vec<u32>>,
+}
+
+impl Text {
+    fn messages(&self, as_role: &str) -> Vec<Message> {
+        match self {
+            Text::Plain(s) => vec![Message {
+                role: as_role.into(),
+                content: s.clone(),
+            }],
+            Text::Messages(m) => m.clone(),
+        }
+    }
+}
+
+/// Tokenise and truncate one row.
+pub fn encode_row(
+    tok: Option<&TextTokenizer>,
+    row: &Row,
+    opts: &EncodeOptions,
+) -> Result<Encoded, FieldError> {
+    let (prompt, mut chosen, mut rejected) = match &row.body {
+        RowBody::Tokens {
+            prompt,
+            chosen,
+            rejected,
+        } => (prompt.clone(), chosen.clone(), rejected.clone()),
+        RowBody::Text {
+            prompt,
+            chosen,
+            rejected,
+        } => {
+            let tok = tok.ok_or_else(|| {
+                ferr(
+                    "prompt",
+                    "text rows need a tokenizer (tokenizer.json in the model folder)",
+                )
+            })?;
+            let conversational = matches!(prompt, Text::Messages(_))
+                || chosen
+                    .iter()
+                    .chain(rejected)
+                    .any(|c| matches!(c, Text::Messages(_)));
+            let tk =
+                |field: &str, r: Result<Vec<u32>>| r.map_err(|e| ferr(field, format!("{e:#}")));
+            if conversational {
+                let pm = prompt.messages("user");
+                let p = tk("prompt", tok.chat_ids(&pm, true))?;
+                let complete = |field: String, c: &Text| -> Result<Vec<u32>, FieldError> {
+                    let mut all = pm.clone();
+                    all.extend(c.messages("assistant"));
+                    let full = tk(&field, tok.chat_ids(&all, false))?;
+                    if full.len() < p.len() || full[..p.len()] != p[..] {
+                        return Err(ferr(field, "the chat template's rendering of prompt + response does not start with its rendering of the prompt (with the generation prompt), so the completion cannot be separated"));
+                    }
+                    Ok(full[p.len()..].to_vec())
+                };
+                let ch = chosen
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| complete(format!("chosen[{i}]"), c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let rj = rejected
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| complete(format!("rejected[{i}]"), c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (p, ch, rj)
+            } else {
+                let Text::Plain(ptext) = prompt else {
+                    unreachable!("plain row")
+                };
+                let eos = tok.eos.as_ref().map(|(_, id)| *id).ok_or_else(|| {
+                    ferr(
+                        "chosen",
+                        "plain-text completions need an eos_token in tokenizer_config.json",
+                    )
+                })?;
+                let p = tk("prompt", tok.encode(ptext, true))?;
+                let plain = |field: String, c: &Text| -> Result<Vec<u32>, FieldError> {
+                    let Text::Plain(s) = c else {
+                        unreachable!("plain row")
+                    };
+                    let mut ids = tk(&field, tok.encode(s, false))?;
+                    ids.push(eos);
+                    Ok(ids)
+                };
+                let ch = chosen
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| plain(format!("chosen[{i}]"), c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let rj = rejected
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| plain(format!("rejected[{i}]"), c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (p, ch, rj)
+            }
+        }
+    };
+    for (field, seq) in std::iter::once(("prompt".to_string(), &prompt))
+        .chain(
+            chosen
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("chosen[{i}]"), c)),
+        )
+        .chain(
+            rejected
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("rejected[{i}]"), c)),
+        )
+    {
+        if field != "prompt" && seq.is_empty() {
+            return Err(ferr(field, "empty completion"));
+        }
+        if let Some(bad) = seq.iter().find(|&&id| id as usize >= opts.vocab_size) {
+            return Err(ferr(
+                field,
+                format!(
+                    "token id {bad} is outside the model's vocabulary ({})",
+                    opts.vocab_size
+                ),
+            ));
+        }
+    }
+    let mut prompt = prompt;
+    if let Some(max_len) = opts.max_length {
+        let longest = chosen
+            .iter()
+            .chain(&rejected)
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
+        if prompt.len() + longest > max_len {
+            if let Some(mp) = opts.max_prompt_length {
+                if prompt.len() > mp {
+                    prompt.drain(..prompt.len() - mp);
+                }
+            }
+            let room = max_len.saturating_sub(prompt.len());
+            for (name, list) in [("chosen", &mut chosen), ("rejected", &mut rejected)] {
+                for (i, c) in list.iter_mut().enumerate() {
+                    c.truncate(room);
+                    if c.is_empty() {
+                        return Err(ferr(
+                            format!("{name}[{i}]"),
+                            format!("truncation leaves the completion empty (prompt {} tokens, max_length {max_len}; set max_prompt_length below max_length)", prompt.len()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Encoded {
+        line: row.line,
+        prompt,
+        chosen,
+        rejected,
+    })
+}
+
+/// Rows of a file, tokenised. Bad rows fail the load, or are skipped and counted with
+/// `skip_bad_rows`.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Tokenised rows in file order.
+    pub rows: Vec<Encoded>,
+    /// Rows skipped as bad (only with `skip_bad_rows`), with their errors.
+    pub skipped: Vec<RowError>,
+}
+
+impl Dataset {
+    /// Read, validate and tokenise `path`.
+    pub fn load(
+        path: &Path,
+        tok: Option<&TextTokenizer>,
+        opts: &EncodeOptions,
+        skip_bad_rows: bool,
+    ) -> Result<Self> {
+        let mut rows = Vec::new();
+        let mut skipped = Vec::new();
+        for parsed in read_rows(path)? {
+            let result = parsed.and_then(|row| {
+                encode_row(tok, &row, opts).map_err(|(field, msg)| RowError {
+                    path: path.to_path_buf(),
+                    line: row.line,
+                    field,
+                    msg,
+                })
+            });
+            match result {
+                Ok(e) => rows.push(e),
+                Err(e) if skip_bad_rows => skipped.push(e),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("bad row (pass --skip-bad-rows to skip such rows)"))
+                }
+            }
+        }
+        if rows.is_empty() {
+            anyhow::bail!(
+                "{}: no usable rows{}",
+                path.display(),
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} skipped as bad)", skipped.len())
+                }
+            );
+        }
+        Ok(Self { rows, skipped })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(v: Value) -> (String, String) {
+        parse_row(&v, 1).unwrap_err()
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        assert_eq!(err(json!({"chosen": ["a"], "rejected": ["b"]})).0, "prompt");
+        assert_eq!(
+            err(json!({"prompt": "p", "chosen": [], "rejected": ["b"]})).0,
+            "chosen"
+        );
+        assert_eq!(
+            err(json!({"prompt": "p", "chosen": ["a"], "rejected": [""]})).0,
+            "rejected[0]"
+        );
+        let (f, m) = err(
+            json!({"prompt": [{"role": "bot", "content": "x"}], "chosen": ["a"], "rejected": ["b"]}),
+        );
+        assert_eq!(f, "prompt[0].role");
+        assert!(m.contains("bot"));
+        assert_eq!(err(json!({"prompt": "p", "chosen": ["a", {"role": "assistant", "content": 3}], "rejected": ["b"]})).0, "chosen[1].content");
+        assert_eq!(err(json!({"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": ["b"]})).0, "chosen[0].role");
+        assert_eq!(err(json!({"prompt_input_ids": [1], "chosen_input_ids": [[1, -2]], "rejected_input_ids": [[1]]})).0, "chosen_input_ids[0][1]");
+        assert_eq!(err(json!({"prompt_input_ids": [1], "chosen_input_ids": [[]], "rejected_input_ids": [[1]]})).0, "chosen_input_ids[0]");
+    }
+
+    #[test]
+    fn truncation_keeps_prompt_end_then_cuts_completions() {
+        let row = Row {
+            line: 1,
+            prompt_id: None,
+            body: RowBody::Tokens {
+                prompt: (0..10).collect(),
+                chosen: vec![(10..16).collect()],
+                rejected: vec![(20..23).collect()],
+            },
+        };
+        let opts = EncodeOptions {
+            max_length: Some(8),
+            max_prompt_length: Some(4),
+            vocab_size: 100,
+        };
+        let e = encode_row(None, &row, &opts).unwrap();
+        assert_eq!(e.prompt, vec![6, 7, 8, 9]);
+        assert_eq!(e.chosen, vec![vec![10, 11, 12, 13]]);
+        assert_eq!(e.rejected, vec![vec![20, 21, 22]]);
+        // Fits: untouched.
+        let opts = EncodeOptions {
+            max_length: Some(16),
+            max_prompt_length: Some(4),
+            vocab_size: 100,
+        };
+        assert_eq!(encode_row(None, &row, &opts).unwrap().prompt.len(), 10);
+        // Prompt alone fills max_length: error, not an empty sequence.
+        let opts = EncodeOptions {
+            max_length: Some(8),
+            max_prompt_length: None,
+            vocab_size: 100,
+        };
+        assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "chosen[0]");
+        // Out-of-vocabulary ids.
+        let opts = EncodeOptions {
+            vocab_size: 15,
+            ..Default::default()
+        };
+        assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "rejected[0]");
+    }
+
+    #[test]
+    fn json_array_rows_get_their_line() {
+        let dir = std::env::temp_dir().join(format!("wrpo-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("rows.json");
+        std::fs::write(&p, "[\n {\"prompt\": \"a\", \"chosen\": [\"x\"], \"rejected\": [\"y\"]},\n\n {\"prompt\": 5}\n]").unwrap();
+        let rows = read_rows(&p).unwrap();
+        assert_eq!(rows[0].as_ref().unwrap().line, 2);
+        let e = rows[1].as_ref().unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (4, "prompt"));
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}:4: field `prompt`", p.display())));
+    }
+}

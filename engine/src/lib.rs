@@ -1,0 +1,14 @@
+//! # wrpo-engine-core
+//!
+//! The library behind the `wrpo-engine` binary: backend choice, tokenizer and chat templates,
+//! WRPO data, and log-probs. Dependencies point one way: `cli → engine → models → kernels`.
+//!
+//! ## Shapes (symbol glossary)
+//! - `N`: sequences in a batch (rows × (K + 1 + R) completions), `T`: tokens, `V`: vocabulary
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod data;
+pub mod logps;
+pub mod tokenizer;
+pub mod util;

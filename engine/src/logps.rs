@@ -1,0 +1,126 @@
+//! Per-sequence log-probs of completions under a model: rows stacked into one right-padded batch,
+//! one forward, labels shifted and masked, summed in f32 (see `wrpo_kernels::logprobs`).
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use wrpo_kernels::{logprobs::sequence_logprobs, IGNORE_INDEX};
+use wrpo_models::{Llama, LlamaConfig};
+
+use crate::data::Encoded;
+
+/// A right-padded batch of prompt + completion sequences.
+///
+/// # Shapes
+/// - `input_ids`, `valid`, `labels`: `[N, T]`, `T` = longest sequence
+#[derive(Debug, Clone)]
+pub struct Batch<B: Backend> {
+    /// Token ids, padded with `pad_id`.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// True at real tokens.
+    pub valid: Tensor<B, 2, Bool>,
+    /// `labels[n, t]` = the token at `t + 1` when it is a completion token, else [`IGNORE_INDEX`]
+    /// (already shifted: position `t`'s logits predict it).
+    pub labels: Tensor<B, 2, Int>,
+}
+
+/// Stack `(prompt, completion)` pairs into a batch.
+pub fn make_batch<B: Backend>(
+    seqs: &[(&[u32], &[u32])],
+    pad_id: u32,
+    device: &B::Device,
+) -> Batch<B> {
+    let n = seqs.len();
+    let t = seqs
+        .iter()
+        .map(|(p, c)| p.len() + c.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut ids = vec![pad_id as i64; n * t];
+    let mut valid = vec![false; n * t];
+    let mut labels = vec![IGNORE_INDEX; n * t];
+    for (row, (p, c)) in seqs.iter().enumerate() {
+        let base = row * t;
+        for (j, &tok) in p.iter().chain(c.iter()).enumerate() {
+            ids[base + j] = tok as i64;
+            valid[base + j] = true;
+        }
+        // Completion token at position p.len() + k is predicted at position p.len() + k − 1.
+        // With an empty prompt the first completion token has no predicting position.
+        for (k, &tok) in c.iter().enumerate() {
+            let pos = p.len() + k;
+            if pos > 0 {
+                labels[base + pos - 1] = tok as i64;
+            }
+        }
+    }
+    Batch {
+        input_ids: Tensor::from_data(TensorData::new(ids, [n, t]), device),
+        valid: Tensor::from_data(TensorData::new(valid, [n, t]), device),
+        labels: Tensor::from_data(TensorData::new(labels, [n, t]), device),
+    }
+}
+
+/// Summed completion log-probs and scored-token counts for each sequence, in one forward.
+///
+/// # Shapes
+/// - returns (`[N]`, `[N]`)
+pub fn batch_logps<B: Backend>(
+    model: &Llama<B>,
+    cfg: &LlamaConfig,
+    batch: Batch<B>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let logits = model.forward(cfg, batch.input_ids, batch.valid);
+    sequence_logprobs(logits, batch.labels)
+}
+
+/// Log-probs of one row's completions.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RowLogps {
+    /// Summed log-probs of `chosen` completions.
+    pub chosen: Vec<f64>,
+    /// Summed log-probs of `rejected` completions.
+    pub rejected: Vec<f64>,
+    /// Completion token counts of `chosen`.
+    pub chosen_tokens: Vec<usize>,
+    /// Completion token counts of `rejected`.
+    pub rejected_tokens: Vec<usize>,
+}
+
+/// Log-probs for a group of rows, all their sequences in one forward.
+pub fn rows_logps<B: Backend>(
+    model: &Llama<B>,
+    cfg: &LlamaConfig,
+    rows: &[Encoded],
+    pad_id: u32,
+    device: &B::Device,
+) -> Vec<RowLogps> {
+    let seqs: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .flat_map(|r| {
+            r.chosen
+                .iter()
+                .chain(&r.rejected)
+                .map(|c| (r.prompt.as_slice(), c.as_slice()))
+        })
+        .collect();
+    let (sums, _) = batch_logps(model, cfg, make_batch::<B>(&seqs, pad_id, device));
+    let sums: Vec<f32> = sums
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data");
+    let mut at = 0;
+    rows.iter()
+        .map(|r| {
+            let (k, m) = (r.chosen.len(), r.rejected.len());
+            let out = RowLogps {
+                chosen: sums[at..at + k].iter().map(|&x| x as f64).collect(),
+                rejected: sums[at + k..at + k + m].iter().map(|&x| x as f64).collect(),
+                chosen_tokens: r.chosen.iter().map(Vec::len).collect(),
+                rejected_tokens: r.rejected.iter().map(Vec::len).collect(),
+            };
+            at += k + m;
+            out
+        })
+        .collect()
+}

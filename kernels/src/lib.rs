@@ -1,0 +1,18 @@
+//! # wrpo-kernels
+//!
+//! The hot numeric pieces of a WRPO step, each as a composite reference written with plain Burn
+//! tensor ops (the specification and test oracle). Fused CubeCL versions of the same ops live
+//! beside their references and are reached only through backend-extension traits whose default is
+//! the composite.
+//!
+//! ## Shapes (symbol glossary)
+//! - `N`: sequences in a batch (rows × completions, stacked)
+//! - `T`: sequence length (tokens, right-padded)
+//! - `V`: vocabulary size
+#![warn(missing_docs)]
+
+pub mod logprobs;
+
+/// Label value that marks a position as not scored (prompt or padding), as in PyTorch's
+/// `CrossEntropyLoss(ignore_index=-100)` and TRL's `label_pad_token_id`.
+pub const IGNORE_INDEX: i64 = -100;

@@ -1,0 +1,270 @@
+//! Hugging Face checkpoint folders: `config.json` + `model.safetensors` or a sharded
+//! `model.safetensors.index.json`. Weights in f32/f16/bf16/f64 are cast to f32 (the compute dtype).
+//! Saving writes `config.json` + one `model.safetensors` (f32) with the same names and layouts,
+//! each file through a temporary file and a rename so a crash never leaves a half-written file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::LlamaConfig;
+use crate::llama::{param_specs, Llama};
+
+/// Errors from reading or writing a checkpoint folder. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file's content is invalid.
+    #[error("{path}: {msg}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The tensors do not match the configuration.
+    #[error("{dir}: checkpoint does not match config.json:{}", list_problems(.missing, .unexpected, .wrong))]
+    Mismatch {
+        /// The folder.
+        dir: PathBuf,
+        /// Expected names absent from the files.
+        missing: Vec<String>,
+        /// Names in the files the model does not use.
+        unexpected: Vec<String>,
+        /// `name: expected [..], found [..]` (or an unsupported dtype).
+        wrong: Vec<String>,
+    },
+}
+
+fn list_problems(missing: &[String], unexpected: &[String], wrong: &[String]) -> String {
+    let mut s = String::new();
+    for (label, v) in [
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("wrong shape or dtype", wrong),
+    ] {
+        if !v.is_empty() {
+            s += &format!("\n  {label} ({}): {}", v.len(), v.join(", "));
+        }
+    }
+    s
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Read and validate `DIR/config.json`.
+pub fn load_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    LlamaConfig::from_json(&text).map_err(|m| invalid(&path, m))
+}
+
+/// The safetensors files of a folder, in a stable order.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(invalid(
+            dir,
+            "no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not supported; convert them with transformers' save_pretrained(safe_serialization=True))",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(&index, e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid(&index, "field `weight_map` is missing or not an object"))?;
+    let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Map a file read-only into memory.
+#[allow(unsafe_code)]
+fn map(path: &Path) -> Result<Mmap, ModelError> {
+    let file = File::open(path).map_err(io(path))?;
+    // SAFETY: the mapping is read-only and lives only while the checkpoint is being loaded; a
+    // checkpoint file modified by another process during a load is outside what we support.
+    unsafe { Mmap::map(&file) }.map_err(io(path))
+}
+
+/// Tensors that transformers itself ignores when loading.
+fn ignorable(name: &str, cfg: &LlamaConfig) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Load a Hugging Face LLaMA folder onto `device`.
+pub fn load_hf<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(Llama<B>, LlamaConfig), ModelError> {
+    let cfg = load_config(dir)?;
+    let files = weight_files(dir)?;
+    let maps = files
+        .iter()
+        .map(|f| map(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tables = maps
+        .iter()
+        .zip(&files)
+        .map(|(m, f)| {
+            SafeTensors::deserialize(m)
+                .map_err(|e| invalid(f, format!("not a safetensors file: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // name → index of the file holding it
+    let mut where_: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, t) in tables.iter().enumerate() {
+        for name in t.names() {
+            where_.insert(name.to_string(), i);
+        }
+    }
+    let specs = param_specs(&cfg);
+    let (mut missing, mut wrong) = (Vec::new(), Vec::new());
+    for (name, shape) in &specs {
+        match where_.get(name) {
+            None => missing.push(name.clone()),
+            Some(&i) => {
+                let view = tables[i].tensor(name).expect("listed name");
+                if view.shape() != shape.as_slice() {
+                    wrong.push(format!(
+                        "{name}: expected {shape:?}, found {:?}",
+                        view.shape()
+                    ));
+                } else if !matches!(
+                    view.dtype(),
+                    Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+                ) {
+                    wrong.push(format!("{name}: unsupported dtype {:?}", view.dtype()));
+                }
+            }
+        }
+    }
+    let expected: BTreeSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+    let unexpected: Vec<String> = where_
+        .keys()
+        .filter(|n| !expected.contains(n.as_str()) && !ignorable(n, &cfg))
+        .cloned()
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !wrong.is_empty() {
+        return Err(ModelError::Mismatch {
+            dir: dir.to_path_buf(),
+            missing,
+            unexpected,
+            wrong,
+        });
+    }
+    let model = Llama::build(&cfg, device, &mut |name, _shape| {
+        let view = tables[where_[name]].tensor(name).expect("validated");
+        to_f32(view.dtype(), view.data()).expect("validated dtype")
+    });
+    Ok((model, cfg))
+}
+
+/// Write `bytes` to `path` through `path.tmp` + rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Save a model as a Hugging Face folder (`config.json` + `model.safetensors`, f32) that
+/// transformers' `LlamaForCausalLM.from_pretrained` loads.
+pub fn save_hf<B: Backend>(
+    model: &Llama<B>,
+    cfg: &LlamaConfig,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tensors = model.named_tensors();
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(name, data)| {
+            let shape = data.shape.clone();
+            let v: Vec<f32> = data.to_vec().expect("f32 data");
+            (
+                name,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                shape.to_vec(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .map_err(|e| invalid(dir, format!("{n}: {e}")))?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = dir.join("model.safetensors");
+    let tmp = tmp_path(&weights);
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| invalid(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+    let mut raw = cfg.raw.clone();
+    if let Some(obj) = raw.as_object_mut() {
+        obj.insert("torch_dtype".into(), "float32".into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), "float32".into());
+        }
+    }
+    let text = serde_json::to_string_pretty(&raw).expect("JSON value serialises");
+    write_atomic(&dir.join("config.json"), text.as_bytes())
+}

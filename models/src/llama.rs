@@ -1,0 +1,404 @@
+//! LLaMA decoder (transformers `LlamaForCausalLM`), training forward without a KV cache.
+//!
+//! Module and field names follow the checkpoint names, so `model.layers.3.self_attn.q_proj.weight`
+//! is the field `model.layers[3].self_attn.q_proj.weight` and loading is a plain mapping. Linear
+//! weights are stored in the checkpoint's layout `[out, in]` (no transposition on load or save).
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::rope;
+
+/// A bias-free linear layer holding its weight as `[out, in]`, like `torch.nn.Linear`.
+#[derive(Module, Debug)]
+pub struct HfLinear<B: Backend> {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> HfLinear<B> {
+    /// `y = x Wᵀ`. Shapes: `[..., in]` → `[..., out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.val().transpose(), None)
+    }
+}
+
+/// RMSNorm: `w · x / sqrt(mean(x²) + ε)` (transformers `LlamaRMSNorm`, f32 throughout).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[H]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// ε.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Shapes: `[B, T, H]` → `[B, T, H]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let var = x.clone().powi_scalar(2).mean_dim(2);
+        // A division, not `recip()`: NdArray's SIMD reciprocal is approximate (~5e-5 relative).
+        let x = x / (var + self.eps).sqrt();
+        x * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Grouped-query self-attention (`LlamaAttention`).
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[NH·HD, H]`.
+    pub q_proj: HfLinear<B>,
+    /// `[NKV·HD, H]`.
+    pub k_proj: HfLinear<B>,
+    /// `[NKV·HD, H]`.
+    pub v_proj: HfLinear<B>,
+    /// `[H, NH·HD]`.
+    pub o_proj: HfLinear<B>,
+    /// NH.
+    pub num_heads: usize,
+    /// NKV.
+    pub num_kv_heads: usize,
+    /// HD.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - `x`: `[B, T, H]`; `mask`: `[B, 1, T, T]` (true = not attended); `cos`, `sin`: `[T, HD]`
+    /// - returns `[B, T, H]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Tensor<B, 4, Bool>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let q = rope::apply(heads(self.q_proj.forward(x.clone()), nh), cos, sin); // [B,NH,T,HD]
+        let k = rope::apply(heads(self.k_proj.forward(x.clone()), nkv), cos, sin); // [B,NKV,T,HD]
+        let v = heads(self.v_proj.forward(x), nkv); // [B,NKV,T,HD]
+        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv)); // [B,NH,T,HD]
+        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5); // [B,NH,T,T]
+                                                                           // Masked scores get the most negative f32, like transformers' eager additive mask, so a
+                                                                           // row with no visible key (never the case with right padding) stays finite.
+        let probs = softmax(scores.mask_fill(mask, f32::MIN), 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// `[B, NKV, T, HD]` → `[B, NKV·n, T, HD]`, each kv head repeated `n` times (transformers `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, nkv, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, nkv, n, t, hd])
+        .reshape([b, nkv * n, t, hd])
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[I, H]`.
+    pub gate_proj: HfLinear<B>,
+    /// `[I, H]`.
+    pub up_proj: HfLinear<B>,
+    /// `[H, I]`.
+    pub down_proj: HfLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Shapes: `[B, T, H]` → `[B, T, H]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention block.
+    pub self_attn: Attention<B>,
+    /// MLP block.
+    pub mlp: Mlp<B>,
+    /// Norm before attention, `[H]`.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP, `[H]`.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// The decoder stack (`LlamaModel`).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// `[V, H]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm, `[H]`.
+    pub norm: RmsNorm<B>,
+}
+
+/// `LlamaForCausalLM`.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// The decoder.
+    pub model: LlamaModel<B>,
+    /// `[V, H]`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<HfLinear<B>>,
+}
+
+fn param<B: Backend, const D: usize>(
+    source: &mut dyn FnMut(&str, &[usize]) -> Vec<f32>,
+    name: &str,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(Tensor::from_data(
+        TensorData::new(source(name, &shape), shape),
+        device,
+    ))
+}
+
+/// Checkpoint tensor names and shapes for a configuration, in a stable order.
+pub fn param_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        v.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![cfg.num_heads * hd, h],
+        ));
+        v.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![cfg.num_kv_heads * hd, h],
+        ));
+        v.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![cfg.num_kv_heads * hd, h],
+        ));
+        v.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, cfg.num_heads * hd],
+        ));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+impl<B: Backend> Llama<B> {
+    /// Build a model whose tensors come from `source(name, shape)` (row-major f32 data of exactly
+    /// `shape`'s size). Used by the checkpoint loader and by seeded random initialisation.
+    pub fn build(
+        cfg: &LlamaConfig,
+        device: &B::Device,
+        source: &mut dyn FnMut(&str, &[usize]) -> Vec<f32>,
+    ) -> Self {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let embed_tokens = param(
+            source,
+            "model.embed_tokens.weight",
+            [cfg.vocab_size, h],
+            device,
+        );
+        let layers = (0..cfg.num_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                let a = format!("{p}.self_attn");
+                let m = format!("{p}.mlp");
+                let norm = |source: &mut dyn FnMut(&str, &[usize]) -> Vec<f32>, n: &str| RmsNorm {
+                    weight: param(source, &format!("{p}.{n}.weight"), [h], device),
+                    eps: cfg.rms_norm_eps,
+                };
+                DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: HfLinear {
+                            weight: param(
+                                source,
+                                &format!("{a}.q_proj.weight"),
+                                [cfg.num_heads * hd, h],
+                                device,
+                            ),
+                        },
+                        k_proj: HfLinear {
+                            weight: param(
+                                source,
+                                &format!("{a}.k_proj.weight"),
+                                [cfg.num_kv_heads * hd, h],
+                                device,
+                            ),
+                        },
+                        v_proj: HfLinear {
+                            weight: param(
+                                source,
+                                &format!("{a}.v_proj.weight"),
+                                [cfg.num_kv_heads * hd, h],
+                                device,
+                            ),
+                        },
+                        o_proj: HfLinear {
+                            weight: param(
+                                source,
+                                &format!("{a}.o_proj.weight"),
+                                [h, cfg.num_heads * hd],
+                                device,
+                            ),
+                        },
+                        num_heads: cfg.num_heads,
+                        num_kv_heads: cfg.num_kv_heads,
+                        head_dim: hd,
+                    },
+                    mlp: Mlp {
+                        gate_proj: HfLinear {
+                            weight: param(source, &format!("{m}.gate_proj.weight"), [i, h], device),
+                        },
+                        up_proj: HfLinear {
+                            weight: param(source, &format!("{m}.up_proj.weight"), [i, h], device),
+                        },
+                        down_proj: HfLinear {
+                            weight: param(source, &format!("{m}.down_proj.weight"), [h, i], device),
+                        },
+                    },
+                    input_layernorm: norm(source, "input_layernorm"),
+                    post_attention_layernorm: norm(source, "post_attention_layernorm"),
+                }
+            })
+            .collect();
+        let norm = RmsNorm {
+            weight: param(source, "model.norm.weight", [h], device),
+            eps: cfg.rms_norm_eps,
+        };
+        let lm_head = (!cfg.tie_word_embeddings).then(|| HfLinear {
+            weight: param(source, "lm_head.weight", [cfg.vocab_size, h], device),
+        });
+        Llama {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+        }
+    }
+
+    /// All parameters with their checkpoint names, as f32 host data (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, TensorData)> {
+        let d2 = |p: &Param<Tensor<B, 2>>| p.val().into_data().convert::<f32>();
+        let d1 = |p: &Param<Tensor<B, 1>>| p.val().into_data().convert::<f32>();
+        let m = &self.model;
+        let mut v = vec![("model.embed_tokens.weight".to_string(), d2(&m.embed_tokens))];
+        for (l, layer) in m.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &layer.self_attn;
+            for (n, w) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                v.push((format!("{p}.self_attn.{n}.weight"), d2(&w.weight)));
+            }
+            let f = &layer.mlp;
+            for (n, w) in [
+                ("gate_proj", &f.gate_proj),
+                ("up_proj", &f.up_proj),
+                ("down_proj", &f.down_proj),
+            ] {
+                v.push((format!("{p}.mlp.{n}.weight"), d2(&w.weight)));
+            }
+            v.push((
+                format!("{p}.input_layernorm.weight"),
+                d1(&layer.input_layernorm.weight),
+            ));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                d1(&layer.post_attention_layernorm.weight),
+            ));
+        }
+        v.push(("model.norm.weight".to_string(), d1(&m.norm.weight)));
+        if let Some(head) = &self.lm_head {
+            v.push(("lm_head.weight".to_string(), d2(&head.weight)));
+        }
+        v
+    }
+
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, T]`; `valid`: `[B, T]` (true = real token, right padding)
+    /// - returns `[B, T, H]`
+    pub fn hidden(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        valid: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        let [b, t] = input_ids.dims();
+        let device = input_ids.device();
+        let (cos, sin) = rope::tables::<B>(cfg, t, &device);
+        // Causal (key after query) or padded key → not attended.
+        // Built on the host: `causal[q][k] = k > q` (Burn's tri masks mark the kept part instead).
+        let causal: Vec<bool> = (0..t * t).map(|i| i % t > i / t).collect();
+        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [t, t]), &device)
+            .unsqueeze::<4>(); // [1,1,T,T]
+        let pad = valid.bool_not().reshape([b, 1, 1, t]); // [B,1,1,T]
+        let mask = causal
+            .expand([b, 1, t, t])
+            .bool_or(pad.expand([b, 1, t, t]));
+        let mut x = embedding(self.model.embed_tokens.val(), input_ids);
+        for layer in &self.model.layers {
+            let h = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                mask.clone(),
+                &cos,
+                &sin,
+            );
+            x = x + h;
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// The LM head: `[.., H]` → `[.., V]` (tied to the embeddings when `lm_head` is `None`).
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => linear(hidden, self.model.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, T]`; `valid`: `[B, T]`; returns `[B, T, V]`
+    pub fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        valid: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        self.head(self.hidden(cfg, input_ids, valid))
+    }
+}

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Check that a Hugging Face model folder loads in transformers and reproduces stored logits.
+
+    /opt/ref/bin/python tests/reference/check_saved.py MODEL_DIR EXPECTED_LOGITS_SAFETENSORS [--tol 1e-4]
+
+MODEL_DIR is loaded with transformers' LlamaForCausalLM in float32 with eager attention.
+EXPECTED_LOGITS_SAFETENSORS holds `input_ids` int64 [N,T] (right padded), `attention_mask` int64
+[N,T] and `logits` float32 [N,T,V] (the layout of tests/fixtures/*/expected_logits.safetensors).
+The model is run on input_ids/attention_mask and compared with `logits` at the positions where
+attention_mask == 1 (what a padded position holds is implementation-defined).
+
+Prints the max abs difference, max |expected|, and the relative error
+    rel = max|got - expected| / max|expected|
+and exits 1 if rel > tol (default 1e-4), if weights are missing/unexpected/mismatched, or if
+anything is not finite; exits 2 on unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+transformers.utils.logging.disable_progress_bar()
+from safetensors.torch import load_file  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+
+def load_model(model_dir: str):
+    kwargs = dict(attn_implementation="eager", output_loading_info=True)
+    try:
+        model, info = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    except TypeError:  # transformers < 4.56 only knows torch_dtype
+        model, info = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, **kwargs)
+    return model.eval(), info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("expected_logits")
+    ap.add_argument("--tol", type=float, default=1e-4, help="max allowed relative error (default 1e-4)")
+    args = ap.parse_args()
+
+    exp = load_file(args.expected_logits)
+    for k in ("input_ids", "attention_mask", "logits"):
+        if k not in exp:
+            print(f"error: {args.expected_logits} has no tensor {k!r}", file=sys.stderr)
+            return 2
+    ids = exp["input_ids"].to(torch.long)
+    mask = exp["attention_mask"].to(torch.long)
+    want = exp["logits"].to(torch.float32)
+    if ids.shape != mask.shape or want.shape[:2] != ids.shape:
+        print(f"error: shapes input_ids {tuple(ids.shape)} attention_mask {tuple(mask.shape)} "
+              f"logits {tuple(want.shape)} do not fit", file=sys.stderr)
+        return 2
+
+    model, info = load_model(args.model_dir)
+    c = model.config
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"model: {args.model_dir}")
+    print(f"  vocab {c.vocab_size}, hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
+          f"{c.num_attention_heads}/{c.num_key_value_heads}, head_dim {getattr(c, 'head_dim', None)}, "
+          f"tie {c.tie_word_embeddings}, rope {getattr(c, 'rope_parameters', None) or getattr(c, 'rope_scaling', None)}")
+    bad_load = False
+    for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        v = info.get(k) if isinstance(info, dict) else None
+        if v:
+            print(f"  {k}: {sorted(map(str, v))}")
+            bad_load = True
+    if want.shape[2] != c.vocab_size:
+        print(f"error: expected logits have vocab {want.shape[2]}, model has {c.vocab_size}", file=sys.stderr)
+        return 2
+
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+
+    real = mask.bool()
+    g, w = got[real], want[real]
+    finite = bool(torch.isfinite(g).all() and torch.isfinite(w).all())
+    abs_err = (g - w).abs()
+    max_abs = float(abs_err.max())
+    max_ref = float(w.abs().max())
+    rel = max_abs / max(max_ref, 1e-30)
+    elem_rel = float((abs_err / w.abs().clamp(min=1e-3)).max())
+    print(f"compared {int(real.sum())} positions x {want.shape[2]} logits (N={ids.shape[0]}, T={ids.shape[1]})")
+    print(f"  max abs diff        {max_abs:.3e}")
+    print(f"  max |expected|      {max_ref:.4f}")
+    print(f"  rel error           {rel:.3e}   (max abs diff / max |expected|; tolerance {args.tol:g})")
+    print(f"  max elementwise rel {elem_rel:.3e}   (|diff| / max(|expected|, 1e-3), informational)")
+    if (~real).any():
+        pad_abs = float((got[~real] - want[~real]).abs().max())
+        print(f"  padded positions    max abs diff {pad_abs:.3e} (informational, not checked)")
+
+    ok = finite and not bad_load and rel <= args.tol
+    print("OK" if ok else "FAIL" + ("" if finite else " (non-finite values)") + (" (weights did not load cleanly)" if bad_load else ""))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

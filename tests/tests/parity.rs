@@ -1,0 +1,204 @@
+//! LLaMA forward and per-sequence log-probs vs transformers (fixtures written by
+//! `tests/reference/make_fixtures.py`), on the cpu backend and on wgpu.
+//!
+//! The wgpu tests need a Vulkan/Metal/DX12 adapter; on a machine without a GPU that is Mesa's
+//! lavapipe (`apt-get install mesa-vulkan-drivers libvulkan1`), which CI installs. They fail —
+//! not skip — when no adapter exists.
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use safetensors::SafeTensors;
+use serde_json::Value;
+use wrpo_engine_core::backend::{select, BackendChoice, CpuBackend, Selected, WgpuBackend};
+use wrpo_engine_core::data::{Dataset, EncodeOptions};
+use wrpo_engine_core::logps::rows_logps;
+use wrpo_engine_core::tokenizer::TextTokenizer;
+use wrpo_models::load_hf;
+use wrpo_tests::{assert_close, fixtures, tol};
+
+const MODELS: [&str; 3] = ["llama-tied", "llama-linear", "llama-gqa"];
+
+fn tensor_f64(st: &SafeTensors, name: &str) -> (Vec<f64>, Vec<usize>) {
+    let v = st.tensor(name).unwrap();
+    let data = match v.dtype() {
+        safetensors::Dtype::F32 => v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        safetensors::Dtype::I64 => v
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        d => panic!("{name}: unexpected dtype {d:?}"),
+    };
+    (data, v.shape().to_vec())
+}
+
+fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
+    for name in MODELS {
+        let dir = fixtures().join(name);
+        let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
+        let bytes = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (ids, shape) = tensor_f64(&st, "input_ids");
+        let (mask, _) = tensor_f64(&st, "attention_mask");
+        let (want, _) = tensor_f64(&st, "logits");
+        let (n, t, v) = (shape[0], shape[1], cfg.vocab_size);
+        let ids_t = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids.iter().map(|&x| x as i64).collect(), [n, t]),
+            device,
+        );
+        let valid = Tensor::<B, 2, Bool>::from_data(
+            TensorData::new(mask.iter().map(|&x| x != 0.0).collect(), [n, t]),
+            device,
+        );
+        let got: Vec<f32> = model
+            .forward(&cfg, ids_t, valid)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap();
+        // Compare real positions only (padding positions are masked everywhere downstream).
+        let (mut g, mut w) = (Vec::new(), Vec::new());
+        for pos in 0..n * t {
+            if mask[pos] != 0.0 {
+                g.extend(got[pos * v..(pos + 1) * v].iter().map(|&x| x as f64));
+                w.extend_from_slice(&want[pos * v..(pos + 1) * v]);
+            }
+        }
+        let r = assert_close(&format!("{label} {name} logits"), &g, &w, tol::LOGITS_F32);
+        println!(
+            "{label} {name}: logits max abs err {:.3e}, max rel err {:.3e} over {} values",
+            r.max_abs,
+            r.max_rel,
+            g.len()
+        );
+    }
+}
+
+fn logps_parity<B: Backend>(device: &B::Device, label: &str) {
+    for name in MODELS {
+        let dir = fixtures().join(name);
+        let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
+        let tok = TextTokenizer::load(&dir).unwrap();
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("expected_logps.json")).unwrap(),
+        )
+        .unwrap();
+        for case in expected["cases"].as_array().unwrap() {
+            let data = case["data"].as_str().unwrap();
+            let opts = EncodeOptions {
+                max_length: case["max_length"].as_u64().map(|x| x as usize),
+                max_prompt_length: case["max_prompt_length"].as_u64().map(|x| x as usize),
+                vocab_size: cfg.vocab_size,
+            };
+            let what = format!(
+                "{label} {name} {data} L={:?} P={:?}",
+                opts.max_length, opts.max_prompt_length
+            );
+            let ds = Dataset::load(&fixtures().join(data), Some(&tok), &opts, false).unwrap();
+            let rows = case["rows"].as_array().unwrap();
+            assert_eq!(ds.rows.len(), rows.len(), "{what}: row count");
+            let ids = |v: &Value| -> Vec<u32> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect()
+            };
+            let lists =
+                |v: &Value| -> Vec<Vec<u32>> { v.as_array().unwrap().iter().map(ids).collect() };
+            for (i, (got, want)) in ds.rows.iter().zip(rows).enumerate() {
+                assert_eq!(
+                    got.prompt,
+                    ids(&want["prompt_ids"]),
+                    "{what}: row {i} prompt ids"
+                );
+                assert_eq!(
+                    got.chosen,
+                    lists(&want["chosen_ids"]),
+                    "{what}: row {i} chosen ids"
+                );
+                assert_eq!(
+                    got.rejected,
+                    lists(&want["rejected_ids"]),
+                    "{what}: row {i} rejected ids"
+                );
+            }
+            // Two rows per forward: batching and padding differ from the reference's.
+            let got: Vec<_> = ds
+                .rows
+                .chunks(2)
+                .flat_map(|c| rows_logps(&model, &cfg, c, 0, device))
+                .collect();
+            let f = |v: &Value| -> Vec<f64> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            let (mut g, mut w) = (Vec::new(), Vec::new());
+            for (got, want) in got.iter().zip(rows) {
+                g.extend(got.chosen.iter().chain(&got.rejected));
+                w.extend(f(&want["chosen"]).into_iter().chain(f(&want["rejected"])));
+                let counts = |v: &Value| -> Vec<usize> {
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as usize)
+                        .collect()
+                };
+                assert_eq!(
+                    got.chosen_tokens,
+                    counts(&want["chosen_tokens"]),
+                    "{what}: token counts"
+                );
+                assert_eq!(
+                    got.rejected_tokens,
+                    counts(&want["rejected_tokens"]),
+                    "{what}: token counts"
+                );
+            }
+            let r = assert_close(&format!("{what} logps"), &g, &w, tol::LOGPS_F32);
+            println!(
+                "{what}: {} sequences, log-prob max abs err {:.3e}, max rel err {:.3e}",
+                g.len(),
+                r.max_abs,
+                r.max_rel
+            );
+        }
+    }
+}
+
+fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
+    match select(BackendChoice::Wgpu) {
+        Ok(Selected::Wgpu(d, name)) => {
+            println!("wgpu adapter: {name}");
+            d
+        }
+        Ok(other) => panic!("--backend wgpu selected {other}"),
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
+#[test]
+fn cpu_logits_match_transformers() {
+    logits_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+#[test]
+fn cpu_logps_and_tokenisation_match_transformers() {
+    logps_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+#[test]
+fn wgpu_logits_match_transformers() {
+    logits_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
+}
+
+#[test]
+fn wgpu_logps_match_transformers() {
+    logps_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
+}
