@@ -1,1 +1,232 @@
-fn main() {}
+//! `wrpo-engine`: WRPO preference training for LLaMA models on CUDA, WGPU or the CPU.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use wrpo_engine_core::backend::{select, BackendChoice, Selected};
+use wrpo_engine_core::dispatch;
+use wrpo_engine_core::logps::{run_logps, LogpsJob};
+use wrpo_engine_core::model::ModelSource;
+
+#[derive(Parser)]
+#[command(name = "wrpo-engine", version, about = "WRPO (Weighted-Reward Preference Optimization) for LLaMA models, on CUDA, WGPU or the CPU", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-sequence completion log-probs of WRPO rows under a model (one JSON line per row).
+    ///
+    /// Without --model, uses the built-in tiny LLaMA and the bundled dataset.
+    Logps(LogpsArgs),
+    /// Show which backends this machine can use and what `--backend auto` picks.
+    Backends,
+    /// Write the built-in tiny LLaMA (with its tokenizer) as a Hugging Face folder.
+    ExportTiny {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct BackendArg {
+    /// auto (CUDA, else a GPU through wgpu, else CPU), cuda, wgpu or cpu.
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+}
+
+#[derive(Args)]
+struct LogpsArgs {
+    /// Hugging Face LLaMA folder (config.json, safetensors, tokenizer). Default: built-in tiny model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// WRPO rows (JSON Lines or a JSON array). Default with the built-in model: the bundled dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output JSON Lines file (written atomically). Default: standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArg,
+    /// Rows per forward; all sequences of these rows are stacked into one batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Longest prompt + completion in tokens (longer rows are truncated).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Prompt tokens kept (from the end) when a row exceeds --max-length.
+    #[arg(long)]
+    max_prompt_length: Option<usize>,
+    /// Skip bad rows (reported on stderr) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+}
+
+fn main() -> ExitCode {
+    // Panics inside a backend (device lost, out of memory) end with one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        eprintln!("error: internal failure: {msg}");
+    }));
+    // Vulkan loaders probe for a Wayland display and complain on stderr when XDG_RUNTIME_DIR is
+    // unset (headless machines, CI). An empty directory answers the probe quietly.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("wrpo-engine-xdg");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            std::env::set_var("XDG_RUNTIME_DIR", dir);
+        }
+    }
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logps(args) => logps(args),
+        Command::Backends => backends(),
+        Command::ExportTiny { out } => export_tiny(out),
+    }
+}
+
+fn device(choice: BackendChoice) -> Result<Selected> {
+    let selected = select(choice)?;
+    eprintln!("backend: {selected}");
+    Ok(selected)
+}
+
+fn progress_bar(what: &'static str) -> impl FnMut(usize, usize) {
+    let tty = std::io::stderr().is_terminal();
+    let mut bar: Option<ProgressBar> = None;
+    let mut last_pct = usize::MAX;
+    move |done, total| {
+        if tty {
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::new(total as u64);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:40}] {pos}/{len} rows, {per_sec}, ETA {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                b.set_message(what);
+                b
+            });
+            b.set_position(done as u64);
+            if done == total {
+                b.finish();
+            }
+        } else {
+            let pct = done * 10 / total.max(1);
+            if pct != last_pct || done == total {
+                eprintln!("{what}: {done}/{total} rows");
+                last_pct = pct;
+            }
+        }
+    }
+}
+
+fn logps(a: LogpsArgs) -> Result<()> {
+    if a.model.is_some() && a.data.is_none() {
+        anyhow::bail!(
+            "--data is required with --model (the bundled dataset goes with the built-in model)"
+        );
+    }
+    let job = LogpsJob {
+        model: ModelSource::from_arg(a.model.as_deref()),
+        data: a.data.clone(),
+        batch_size: a.batch_size,
+        max_length: a.max_length,
+        max_prompt_length: a.max_prompt_length,
+        skip_bad_rows: a.skip_bad_rows,
+    };
+    eprintln!("model: {}", job.model.label());
+    let selected = device(a.backend.backend)?;
+    let mut bar = progress_bar("logps");
+    let out = dispatch!(selected, B, device => run_logps::<B>(&job, &device, &mut bar))?;
+    for e in &out.skipped {
+        eprintln!("skipped: {e}");
+    }
+    if !out.skipped.is_empty() {
+        eprintln!("{} bad rows skipped", out.skipped.len());
+    }
+    // One line per input row, in input order; skipped rows keep their place with empty lists and
+    // a `skipped` reason so that line N of the output always belongs to row N.
+    let mut records: Vec<(usize, serde_json::Value)> = out
+        .rows
+        .iter()
+        .map(|(line, r)| (*line, serde_json::to_value(r).expect("serialisable")))
+        .collect();
+    records.extend(out.skipped.iter().map(|e| {
+        (
+            e.line,
+            serde_json::json!({"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": [], "skipped": e.to_string()}),
+        )
+    }));
+    records.sort_by_key(|(line, _)| *line);
+    let mut text = String::new();
+    for (_, r) in &records {
+        text += &serde_json::to_string(r).expect("serialisable");
+        text.push('\n');
+    }
+    match &a.out {
+        Some(path) => {
+            wrpo_engine_core::util::write_atomic(path, text.as_bytes())?;
+            eprintln!("wrote {} rows to {}", records.len(), path.display());
+        }
+        None => std::io::stdout()
+            .write_all(text.as_bytes())
+            .context("writing to standard output")?,
+    }
+    Ok(())
+}
+
+fn backends() -> Result<()> {
+    for (name, choice) in [
+        ("cuda", BackendChoice::Cuda),
+        ("wgpu", BackendChoice::Wgpu),
+        ("cpu", BackendChoice::Cpu),
+    ] {
+        match select(choice) {
+            Ok(s) => println!("{name:5} available: {s}"),
+            Err(e) => println!("{name:5} unavailable: {e:#}"),
+        }
+    }
+    println!("auto  → {}", select(BackendChoice::Auto)?);
+    Ok(())
+}
+
+fn export_tiny(out: PathBuf) -> Result<()> {
+    use wrpo_engine_core::backend::CpuBackend;
+    use wrpo_engine_core::embedded;
+    let (model, cfg) = embedded::model::<CpuBackend>(&Default::default());
+    wrpo_models::save_hf(&model, &cfg, &out)?;
+    wrpo_engine_core::util::write_atomic(
+        &out.join("tokenizer.json"),
+        embedded::TOKENIZER_JSON.as_bytes(),
+    )?;
+    wrpo_engine_core::util::write_atomic(
+        &out.join("tokenizer_config.json"),
+        embedded::TOKENIZER_CONFIG.as_bytes(),
+    )?;
+    eprintln!("wrote the built-in tiny LLaMA to {}", out.display());
+    Ok(())
+}

@@ -120,9 +120,14 @@ fn ferr(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
 pub fn read_rows(path: &Path) -> Result<Vec<Result<Row, RowError>>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
+    parse_rows(path, &text)
+}
+
+/// [`read_rows`] on text already in memory; `path` names it in errors.
+pub fn parse_rows(path: &Path, text: &str) -> Result<Vec<Result<Row, RowError>>> {
     let mut out = Vec::new();
     if text.trim_start().starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(&text).map_err(|e| {
+        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
             anyhow::anyhow!("{}:{}: invalid JSON array: {e}", path.display(), e.line())
         })?;
         for raw in items {
@@ -511,9 +516,20 @@ impl Dataset {
         opts: &EncodeOptions,
         skip_bad_rows: bool,
     ) -> Result<Self> {
+        Self::from_rows(path, read_rows(path)?, tok, opts, skip_bad_rows)
+    }
+
+    /// Validate and tokenise rows read with [`read_rows`] or [`parse_rows`].
+    pub fn from_rows(
+        path: &Path,
+        parsed_rows: Vec<Result<Row, RowError>>,
+        tok: Option<&TextTokenizer>,
+        opts: &EncodeOptions,
+        skip_bad_rows: bool,
+    ) -> Result<Self> {
         let mut rows = Vec::new();
         let mut skipped = Vec::new();
-        for parsed in read_rows(path)? {
+        for parsed in parsed_rows {
             let result = parsed.and_then(|row| {
                 encode_row(tok, &row, opts).map_err(|(field, msg)| RowError {
                     path: path.to_path_buf(),

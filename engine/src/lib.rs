@@ -9,6 +9,8 @@
 
 pub mod backend;
 pub mod data;
+pub mod embedded;
 pub mod logps;
+pub mod model;
 pub mod tokenizer;
 pub mod util;

@@ -124,3 +124,77 @@ pub fn rows_logps<B: Backend>(
         })
         .collect()
 }
+
+/// Settings of the `logps` command.
+#[derive(Debug, Clone)]
+pub struct LogpsJob {
+    /// The model.
+    pub model: crate::model::ModelSource,
+    /// The data file; `None` = the bundled dataset (embedded model only).
+    pub data: Option<std::path::PathBuf>,
+    /// Rows per forward (all their sequences go through one forward).
+    pub batch_size: usize,
+    /// Tokenisation limits.
+    pub max_length: Option<usize>,
+    /// Prompt tokens kept when a row is too long.
+    pub max_prompt_length: Option<usize>,
+    /// Skip bad rows instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+/// What a `logps` run produced.
+#[derive(Debug, Clone)]
+pub struct LogpsOutput {
+    /// One record per kept row, in input order, with its line.
+    pub rows: Vec<(usize, RowLogps)>,
+    /// Rows skipped as bad (with `skip_bad_rows`).
+    pub skipped: Vec<crate::data::RowError>,
+}
+
+/// Run `logps`: load tokenizer, data and model, then score every row. `progress(done, total)` is
+/// called after each batch.
+pub fn run_logps<B: Backend>(
+    job: &LogpsJob,
+    device: &B::Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<LogpsOutput> {
+    use crate::data::{Dataset, EncodeOptions};
+    anyhow::ensure!(job.batch_size > 0, "--batch-size must be at least 1");
+    let tok = job.model.tokenizer()?;
+    let vocab_size = match &job.model {
+        crate::model::ModelSource::Embedded => crate::embedded::config().vocab_size,
+        crate::model::ModelSource::Dir(d) => wrpo_models::checkpoint::load_config(d)?.vocab_size,
+    };
+    let opts = EncodeOptions {
+        max_length: job.max_length,
+        max_prompt_length: job.max_prompt_length,
+        vocab_size,
+    };
+    let ds = match &job.data {
+        Some(path) => {
+            crate::model::require_file(path, "--data")?;
+            Dataset::load(path, tok.as_ref(), &opts, job.skip_bad_rows)?
+        }
+        None => {
+            let label = std::path::Path::new(crate::embedded::LABEL).join("wrpo_tiny.jsonl");
+            let parsed = crate::data::parse_rows(&label, crate::embedded::DATASET)?;
+            Dataset::from_rows(&label, parsed, tok.as_ref(), &opts, job.skip_bad_rows)?
+        }
+    };
+    let (model, cfg) = job.model.load::<B>(device)?;
+    let pad = tok
+        .as_ref()
+        .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
+        .map_or(0, |(_, id)| *id);
+    let mut rows = Vec::with_capacity(ds.rows.len());
+    let total = ds.rows.len();
+    for chunk in ds.rows.chunks(job.batch_size) {
+        let out = rows_logps(&model, &cfg, chunk, pad, device);
+        rows.extend(chunk.iter().map(|r| r.line).zip(out));
+        progress(rows.len(), total);
+    }
+    Ok(LogpsOutput {
+        rows,
+        skipped: ds.skipped,
+    })
+}

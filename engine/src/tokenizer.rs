@@ -47,22 +47,44 @@ impl TextTokenizer {
     /// Load `DIR/tokenizer.json` plus `tokenizer_config.json` and `chat_template.jinja` if present.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tok = tokenizers::Tokenizer::from_file(&path)
+        let json = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let read_opt = |name: &str| -> Result<Option<String>> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(Some(std::fs::read_to_string(&p).with_context(|| {
+                    format!("{}: cannot read", p.display())
+                })?))
+            } else {
+                Ok(None)
+            }
+        };
+        let config = read_opt("tokenizer_config.json")?;
+        let jinja = read_opt("chat_template.jinja")?;
+        Self::from_parts(dir, &json, config.as_deref(), jinja.as_deref())
+    }
+
+    /// Build from file contents; `dir` names the source in error messages.
+    pub fn from_parts(
+        dir: &Path,
+        tokenizer_json: &str,
+        tokenizer_config: Option<&str>,
+        chat_template_jinja: Option<&str>,
+    ) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let tok: tokenizers::Tokenizer = tokenizer_json
+            .parse()
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Json = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path)
-                .with_context(|| cfg_path.display().to_string())?;
-            serde_json::from_str(&text)
-                .map_err(|e| anyhow!("{}: invalid JSON: {e}", cfg_path.display()))?
-        } else {
-            Json::Null
+        let cfg: Json = match tokenizer_config {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| anyhow!("{}: invalid JSON: {e}", cfg_path.display()))?,
+            None => Json::Null,
         };
-        let jinja = dir.join("chat_template.jinja");
-        let template = if jinja.is_file() {
-            Some(std::fs::read_to_string(&jinja).with_context(|| jinja.display().to_string())?)
-        } else {
-            match cfg.get("chat_template") {
+        // transformers prefers chat_template.jinja over the config's `chat_template`.
+        let template = match chat_template_jinja {
+            Some(t) => Some(t.to_string()),
+            None => match cfg.get("chat_template") {
                 Some(Json::String(s)) => Some(s.clone()),
                 // A list of named templates: transformers uses the one named "default".
                 Some(Json::Array(list)) => list
@@ -72,7 +94,7 @@ impl TextTokenizer {
                     .and_then(Json::as_str)
                     .map(str::to_string),
                 _ => None,
-            }
+            },
         };
         let lookup = |field: &str| -> Result<Option<(String, u32)>> {
             match token_text(cfg.get(field)) {

@@ -402,3 +402,27 @@ impl<B: Backend> Llama<B> {
         self.head(self.hidden(cfg, input_ids, valid))
     }
 }
+
+impl<B: Backend> Llama<B> {
+    /// Seeded random initialisation like transformers' `_init_weights`: linear and embedding
+    /// weights ~ N(0, `std`), RMSNorm weights = 1. The same seed gives the same model on every
+    /// backend (values are drawn on the host).
+    pub fn random(cfg: &LlamaConfig, seed: u64, std: f32, device: &B::Device) -> Self {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        Self::build(cfg, device, &mut |name, shape| {
+            let n: usize = shape.iter().product();
+            if name.ends_with("norm.weight") {
+                return vec![1.0; n];
+            }
+            // Box–Muller on (0, 1] uniforms.
+            (0..n)
+                .map(|_| {
+                    let u1: f32 = 1.0 - rng.random::<f32>();
+                    let u2: f32 = rng.random::<f32>();
+                    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect()
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! The `wrpo-engine` binary end to end: exit codes, messages, output contract.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wrpo-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn embedded_default_runs_and_keeps_the_output_contract() {
+    let o = bin().args(["logps", "--backend", "cpu"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 64, "one line per bundled row");
+    for l in &lines {
+        let keys: Vec<&String> = l.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["chosen", "chosen_tokens", "rejected", "rejected_tokens"]
+        );
+        assert_eq!(l["chosen"].as_array().unwrap().len(), 2);
+        assert!(l["chosen"][0].as_f64().unwrap() < 0.0);
+    }
+    assert!(stderr(&o).contains("backend: cpu"));
+}
+
+#[test]
+fn logps_file_agrees_with_transformers() {
+    let out = tmp("agree").join("out.jsonl");
+    let model = fixtures().join("llama-tied");
+    let o = bin()
+        .args(["logps", "--backend", "cpu", "--batch-size", "3", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(fixtures().join("rows.jsonl"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("expected_logps.json")).unwrap())
+            .unwrap();
+    let want = &expected["cases"][0];
+    assert!(want["max_length"].is_null());
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rows = want["rows"].as_array().unwrap();
+    assert_eq!(got.len(), rows.len());
+    for (g, w) in got.iter().zip(rows) {
+        for key in ["chosen", "rejected"] {
+            for (a, b) in g[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(w[key].as_array().unwrap())
+            {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                assert!((a - b).abs() <= 1e-4 + 1e-5 * b.abs(), "{key}: {a} vs {b}");
+            }
+        }
+        assert_eq!(g["chosen_tokens"], w["chosen_tokens"]);
+        assert_eq!(g["rejected_tokens"], w["rejected_tokens"]);
+    }
+}
+
+#[test]
+fn bad_row_fails_with_file_line_field_and_keeps_existing_output() {
+    let dir = tmp("bad");
+    let data = dir.join("bad.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"a\", \"chosen\": [\"x\"], \"rejected\": [\"y\"]}\n{\"prompt\": \"b\", \"chosen\": [\"x\"], \"rejected\": [{\"role\": \"bot\", \"content\": \"y\"}]}\n").unwrap();
+    let out = dir.join("out.jsonl");
+    std::fs::write(&out, "previous results\n").unwrap();
+    let o = bin()
+        .args(["logps", "--backend", "cpu", "--model"])
+        .arg(fixtures().join("llama-gqa"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{}:2: field `rejected[0].role`: unknown role \"bot\"",
+            data.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous results\n");
+    // --skip-bad-rows: the bad row keeps its place, marked skipped.
+    let o = bin()
+        .args(["logps", "--backend", "cpu", "--skip-bad-rows", "--model"])
+        .arg(fixtures().join("llama-gqa"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["chosen"].as_array().unwrap().len(), 1);
+    assert!(lines[1]["skipped"].as_str().unwrap().contains(":2:"));
+    assert!(stderr(&o).contains("1 bad rows skipped"));
+}
+
+#[test]
+fn unavailable_backend_is_a_clear_error_not_a_panic() {
+    let o = bin().args(["logps", "--backend", "cuda"]).output().unwrap();
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    if !o.status.success() {
+        assert!(err.contains("--backend cuda:"), "{err}");
+    } else {
+        eprintln!("NOTE: a CUDA device is present; the no-driver message was not exercised");
+    }
+    let o = bin().args(["logps", "--backend", "tpu"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown backend \"tpu\""));
+}
+
+#[test]
+fn missing_files_name_the_path() {
+    let o = bin()
+        .args([
+            "logps",
+            "--backend",
+            "cpu",
+            "--model",
+            "/nonexistent/model",
+            "--data",
+            "x.jsonl",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("/nonexistent/model/config.json"),
+        "{}",
+        stderr(&o)
+    );
+}

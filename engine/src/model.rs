@@ -1,0 +1,77 @@
+//! Where a model comes from (a Hugging Face folder or the embedded default) and loading it with its
+//! tokenizer, checked against each other.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use wrpo_models::{checkpoint::load_config, load_hf, Llama, LlamaConfig};
+
+use crate::embedded;
+use crate::tokenizer::TextTokenizer;
+
+/// A model folder or the embedded default.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A Hugging Face LLaMA folder.
+    Dir(PathBuf),
+    /// The built-in tiny model ([`crate::embedded`]).
+    Embedded,
+}
+
+impl ModelSource {
+    /// `Some(dir)` → folder, `None` → embedded.
+    pub fn from_arg(dir: Option<&Path>) -> Self {
+        dir.map_or(Self::Embedded, |d| Self::Dir(d.to_path_buf()))
+    }
+
+    /// Name for messages.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Dir(d) => d.display().to_string(),
+            Self::Embedded => format!("{} tiny LLaMA (seed {})", embedded::LABEL, embedded::SEED),
+        }
+    }
+
+    /// The tokenizer (`None` for a folder without `tokenizer.json`: only pre-tokenized rows then),
+    /// checked against the model's vocabulary before any weight is read.
+    pub fn tokenizer(&self) -> Result<Option<TextTokenizer>> {
+        let (tok, cfg) = match self {
+            Self::Embedded => (embedded::tokenizer()?, embedded::config()),
+            Self::Dir(d) => {
+                let cfg = load_config(d)?;
+                if !d.join("tokenizer.json").is_file() {
+                    return Ok(None);
+                }
+                (TextTokenizer::load(d)?, cfg)
+            }
+        };
+        if tok.vocab_size() > cfg.vocab_size {
+            bail!(
+                "{}: the tokenizer has {} tokens but the model's vocab_size is {}: ids {}..{} would have no embedding",
+                self.label(),
+                tok.vocab_size(),
+                cfg.vocab_size,
+                cfg.vocab_size,
+                tok.vocab_size() - 1
+            );
+        }
+        Ok(Some(tok))
+    }
+
+    /// Load the weights onto `device`.
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<(Llama<B>, LlamaConfig)> {
+        Ok(match self {
+            Self::Embedded => embedded::model(device),
+            Self::Dir(d) => load_hf(d, device)?,
+        })
+    }
+}
+
+/// Check that `path` exists before long work starts.
+pub fn require_file(path: &Path, what: &str) -> Result<()> {
+    if !path.is_file() {
+        bail!("{what} {}: no such file", path.display());
+    }
+    Ok(())
+}
