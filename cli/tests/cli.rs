@@ -25,7 +25,7 @@ fn stderr(o: &Output) -> String {
 fn embedded_default_runs_and_keeps_the_output_contract() {
     let o = bin().args(["logps", "--backend", "cpu"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let text = String::from_utf8(o.stdout).unwrap();
+    let text = String::from_utf8(o.stdout.clone()).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -121,7 +121,7 @@ fn bad_row_fails_with_file_line_field_and_keeps_existing_output() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout.clone())
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -151,7 +151,7 @@ fn cuda() -> Result<Selected> {
             .unwrap_or(f32::NAN)
     });
     match probe {
-        Some(x) if x == 1.0 => Ok(Selected::Cuda(device)),
+        Some(1.0) => Ok(Selected::Cuda(device)),
         _ => bail!("--backend cuda: the CUDA driver loaded but device 0 could not be used (no GPU visible, or the driver is too old)"),
     }
 }

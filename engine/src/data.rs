@@ -629,7 +629,7 @@ mod tests {
         assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "chosen[0]");
         // Out-of-vocabulary ids.
         let opts = EncodeOptions {
-            vocab_size: 15,
+            vocab_size: 20,
             ..Default::default()
         };
         assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "rejected[0]");

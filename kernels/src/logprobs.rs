@@ -102,6 +102,6 @@ mod tests {
                 "position {i}: got {g}, want {w}"
             );
         }
-        assert!(got.iter().step_by(4).skip(0).all(|x| x.is_finite()));
+        assert!(got.iter().all(|x| x.is_finite()));
     }
 }

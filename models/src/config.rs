@@ -131,7 +131,7 @@ impl LlamaConfig {
             return Err("attention_bias / mlp_bias = true are not supported".into());
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 hf.num_attention_heads
@@ -140,7 +140,7 @@ impl LlamaConfig {
         let head_dim = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
         let params = hf.rope_parameters.as_ref();

@@ -37,7 +37,8 @@ pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
                 .map(|f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // transformers: `~(wavelen < high) * ~(wavelen > low)`; wavelengths are finite, so this is the closed range.
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     if medium {
                         let smooth = (old / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
