@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod logprobs;
+pub mod loss;
 
 /// Label value that marks a position as not scored (prompt or padding), as in PyTorch's
 /// `CrossEntropyLoss(ignore_index=-100)` and TRL's `label_pad_token_id`.

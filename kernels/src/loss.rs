@@ -1,0 +1,365 @@
+//! The weighted-reward preference loss (WRPO) and its baselines, as a pure function of
+//! per-sequence log-probs — the trainer never hands logits to the loss (torchtune `DPOLoss` style).
+//!
+//! With `Δ_y = log π_θ(y|x) − log π_ref(y|x)` (summed completion log-probs), K ≥ 1 source
+//! responses `y_ws_k`, the target's best `y_wt` and R ≥ 1 rejected `y_l_r`
+//! (../shared/reference/WRPO.md; arXiv 2412.03187, Eq. 6):
+//!
+//! - **WRPO** (`Objective::Wrpo`): `Δ_s = mean_k Δ_ws_k`, `m_r = α·Δ_s + (1−α)·Δ_wt − Δ_l_r`,
+//!   `ℓ = (1−ε)·softplus(−β m_r) + ε·softplus(β m_r)`. α = 0 is DPO on (y_wt, y_l); static α = 1
+//!   is DPO on (y_ws, y_l). **DPO** is this objective with α held fixed by the trainer.
+//! - **SimPO-blend** (`Objective::SimpoBlend`): `r(y) = (β/|y|)·log π_θ(y|x)` (no reference),
+//!   `m_r = α·r_s + (1−α)·r_wt − r_l_r − γ`, `ℓ = (1−ε)·softplus(−m_r) + ε·softplus(m_r)`;
+//!   SimPO is α = 0.
+//! - **IPO-blend** (`Objective::IpoBlend`): per-token averaged log-ratios `Δ̄_y = Δ_y/|y|`,
+//!   `h_r = α·Δ̄_s + (1−α)·Δ̄_wt − Δ̄_l_r`, `ℓ = (h_r − 1/(2β))²`; IPO is α = 0.
+//!
+//! The loss is the mean of `ℓ` over the R rejected responses and the B examples. Every step is
+//! computed in the tensor's float dtype (f32); softplus is the stable `max(x,0) + log1p(e^−|x|)`
+//! (Burn's `activation::softplus` overflows for large inputs).
+//!
+//! # Shapes
+//! - `B`: examples, `K + 1`: chosen columns (sources, then the target), `R`: rejected columns
+
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Which preference objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// WRPO (and DPO with α fixed): sigmoid loss on reference-relative log-ratios.
+    Wrpo,
+    /// SimPO blend: length-normalised, reference-free, with target margin γ.
+    SimpoBlend {
+        /// Target reward margin γ.
+        gamma: f64,
+    },
+    /// IPO blend: squared loss on per-token log-ratios.
+    IpoBlend,
+}
+
+impl Objective {
+    /// Whether the objective reads reference log-probs.
+    pub fn needs_reference(&self) -> bool {
+        !matches!(self, Objective::SimpoBlend { .. })
+    }
+}
+
+/// Scalars of one loss evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    /// The objective.
+    pub objective: Objective,
+    /// Weight of the source responses, α ∈ [0, 1] (the α schedule lives in the trainer).
+    pub alpha: f64,
+    /// β.
+    pub beta: f64,
+    /// Label smoothing ε (WRPO and SimPO; ignored by IPO).
+    pub label_smoothing: f64,
+}
+
+/// Per-sequence inputs of a batch.
+#[derive(Debug, Clone)]
+pub struct PreferenceInputs<B: Backend> {
+    /// Policy log-probs of the chosen responses, `[B, K+1]` (sources first, target last).
+    pub policy_chosen: Tensor<B, 2>,
+    /// Policy log-probs of the rejected responses, `[B, R]`.
+    pub policy_rejected: Tensor<B, 2>,
+    /// Reference log-probs, `[B, K+1]` (unused by SimPO: pass zeros).
+    pub reference_chosen: Tensor<B, 2>,
+    /// Reference log-probs, `[B, R]`.
+    pub reference_rejected: Tensor<B, 2>,
+    /// Completion token counts, `[B, K+1]` (used by SimPO and IPO).
+    pub chosen_tokens: Tensor<B, 2>,
+    /// Completion token counts, `[B, R]`.
+    pub rejected_tokens: Tensor<B, 2>,
+}
+
+/// The loss and the per-example quantities the metrics need.
+#[derive(Debug, Clone)]
+pub struct LossOutput<B: Backend> {
+    /// Mean loss, `[1]` (differentiable w.r.t. the policy log-probs).
+    pub loss: Tensor<B, 1>,
+    /// Weighted chosen reward `α·r_s + (1−α)·r_wt`, `[B]`.
+    pub chosen_rewards: Tensor<B, 1>,
+    /// Mean source reward `r_s`, `[B]`.
+    pub source_rewards: Tensor<B, 1>,
+    /// Target reward `r_wt`, `[B]`.
+    pub target_rewards: Tensor<B, 1>,
+    /// Rejected rewards, `[B, R]`.
+    pub rejected_rewards: Tensor<B, 2>,
+}
+
+/// `softplus(x) = log(1 + eˣ)`, stable for any x.
+pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
+}
+
+/// Composite reference of the preference loss (plain tensor ops: autodiff gives the gradient).
+/// Rewards are `β·Δ` (WRPO), `(β/|y|)·log π` (SimPO), `β·Δ̄` (IPO).
+pub fn preference_loss<B: Backend>(cfg: &LossConfig, x: PreferenceInputs<B>) -> LossOutput<B> {
+    let [b, k1] = x.policy_chosen.dims();
+    let [_, r] = x.policy_rejected.dims();
+    assert!(
+        k1 >= 2,
+        "chosen needs K ≥ 1 source columns and the target column, got {k1} columns"
+    );
+    let (alpha, beta) = (cfg.alpha, cfg.beta);
+    // Per-sequence scores whose weighted difference is the margin.
+    let (chosen, rejected) = match cfg.objective {
+        Objective::Wrpo => (
+            x.policy_chosen - x.reference_chosen,
+            x.policy_rejected - x.reference_rejected,
+        ),
+        Objective::SimpoBlend { .. } => (
+            x.policy_chosen / x.chosen_tokens,
+            x.policy_rejected / x.rejected_tokens,
+        ),
+        Objective::IpoBlend => (
+            (x.policy_chosen - x.reference_chosen) / x.chosen_tokens,
+            (x.policy_rejected - x.reference_rejected) / x.rejected_tokens,
+        ),
+    };
+    let source = chosen.clone().narrow(1, 0, k1 - 1).mean_dim(1); // [B,1]
+    let target = chosen.narrow(1, k1 - 1, 1); // [B,1]
+    let weighted = source.clone() * alpha + target.clone() * (1.0 - alpha); // [B,1]
+    let diff = weighted.clone().expand([b, r]) - rejected.clone(); // [B,R]
+    let eps = cfg.label_smoothing;
+    let per = match cfg.objective {
+        Objective::Wrpo => {
+            softplus(diff.clone().neg() * beta) * (1.0 - eps) + softplus(diff * beta) * eps
+        }
+        Objective::SimpoBlend { gamma } => {
+            let m = diff * beta - gamma;
+            softplus(m.clone().neg()) * (1.0 - eps) + softplus(m) * eps
+        }
+        Objective::IpoBlend => (diff - 1.0 / (2.0 * beta)).powi_scalar(2),
+    };
+    let loss = per.mean().reshape([1]);
+    let flat = |t: Tensor<B, 2>| (t * beta).reshape([b]);
+    LossOutput {
+        loss,
+        chosen_rewards: flat(weighted.detach()),
+        source_rewards: flat(source.detach()),
+        target_rewards: flat(target.detach()),
+        rejected_rewards: rejected.detach() * beta,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::TensorData;
+
+    type A = Autodiff<NdArray<f32>>;
+
+    fn t(v: &[f32], rows: usize) -> Tensor<A, 2> {
+        Tensor::from_data(
+            TensorData::new(v.to_vec(), [rows, v.len() / rows]),
+            &Default::default(),
+        )
+    }
+
+    fn sp(x: f64) -> f64 {
+        (1.0 + x.exp()).ln()
+    }
+    fn sig(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    struct Run {
+        loss: f64,
+        d_chosen: Vec<f64>,
+        d_rejected: Vec<f64>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        cfg: LossConfig,
+        pc: &[f32],
+        pr: &[f32],
+        rc: &[f32],
+        rr: &[f32],
+        nc: &[f32],
+        nr: &[f32],
+        rows: usize,
+    ) -> Run {
+        let policy_chosen = t(pc, rows).require_grad();
+        let policy_rejected = t(pr, rows).require_grad();
+        let out = preference_loss(
+            &cfg,
+            PreferenceInputs {
+                policy_chosen: policy_chosen.clone(),
+                policy_rejected: policy_rejected.clone(),
+                reference_chosen: t(rc, rows),
+                reference_rejected: t(rr, rows),
+                chosen_tokens: t(nc, rows),
+                rejected_tokens: t(nr, rows),
+            },
+        );
+        let loss: f32 = out.loss.clone().into_scalar();
+        let grads = out.loss.backward();
+        let g = |x: &Tensor<A, 2>| -> Vec<f64> {
+            x.grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
+        Run {
+            loss: loss as f64,
+            d_chosen: g(&policy_chosen),
+            d_rejected: g(&policy_rejected),
+        }
+    }
+
+    fn close(a: f64, b: f64, what: &str) {
+        assert!(
+            (a - b).abs() <= 1e-6 + 1e-5 * b.abs(),
+            "{what}: got {a}, hand-derived {b}"
+        );
+    }
+
+    #[test]
+    fn wrpo_single_example_hand_derived() {
+        // Δ_s = 2 − 0 = 2, Δ_t = 1.5 − 0.5 = 1, Δ_l = −1 − 0 = −1; α = 0.25, β = 0.1:
+        // m = 0.25·2 + 0.75·1 + 1 = 2.25; L = softplus(−0.225).
+        let cfg = LossConfig {
+            objective: Objective::Wrpo,
+            alpha: 0.25,
+            beta: 0.1,
+            label_smoothing: 0.0,
+        };
+        let r = run(
+            cfg,
+            &[2.0, 1.5],
+            &[-1.0],
+            &[0.0, 0.5],
+            &[0.0],
+            &[1.0, 1.0],
+            &[1.0],
+            1,
+        );
+        close(r.loss, sp(-0.225), "loss");
+        // ∂L/∂logπ = −β σ(−βm) × (α, 1−α, −1)
+        let s = -0.1 * sig(-0.225);
+        close(r.d_chosen[0], s * 0.25, "d source");
+        close(r.d_chosen[1], s * 0.75, "d target");
+        close(r.d_rejected[0], -s, "d rejected");
+    }
+
+    #[test]
+    fn alpha_zero_is_dpo_on_target_vs_rejected() {
+        let pc = [-3.0, -5.0, -4.0, -6.0];
+        let rc = [-2.0, -5.5, -4.5, -5.0];
+        let (pr, rr) = ([-7.0, -2.0], [-6.0, -3.0]);
+        let cfg = LossConfig {
+            objective: Objective::Wrpo,
+            alpha: 0.0,
+            beta: 0.5,
+            label_smoothing: 0.0,
+        };
+        let r = run(cfg, &pc, &pr, &rc, &rr, &[1.0; 4], &[1.0; 2], 2);
+        // DPO per example: softplus(−β((π_w − ref_w) − (π_l − ref_l))), mean over B = 2.
+        let dpo0 = sp(-0.5 * ((-5.0 - -5.5) - (-7.0 - -6.0)));
+        let dpo1 = sp(-0.5 * ((-6.0 - -5.0) - (-2.0 - -3.0)));
+        close(r.loss, (dpo0 + dpo1) / 2.0, "loss");
+        close(r.d_chosen[0], 0.0, "source column has no gradient at α = 0");
+    }
+
+    #[test]
+    fn label_smoothing_k2_r2() {
+        // K = 2 sources, R = 2 rejected, ε = 0.1, one example, reference = 0.
+        let cfg = LossConfig {
+            objective: Objective::Wrpo,
+            alpha: 0.4,
+            beta: 0.2,
+            label_smoothing: 0.1,
+        };
+        let r = run(
+            cfg,
+            &[1.0, 3.0, 0.5],
+            &[-1.0, 2.0],
+            &[0.0; 3],
+            &[0.0; 2],
+            &[1.0; 3],
+            &[1.0; 2],
+            1,
+        );
+        let w = 0.4 * 2.0 + 0.6 * 0.5; // Δ_s = mean(1, 3) = 2
+        let l = |m: f64| 0.9 * sp(-0.2 * m) + 0.1 * sp(0.2 * m);
+        close(r.loss, (l(w + 1.0) + l(w - 2.0)) / 2.0, "loss");
+        // d/dm of ℓ: −β(0.9 σ(−βm) − 0.1 σ(βm)); source columns each get α/K of it, averaged over R.
+        let dl = |m: f64| -0.2 * (0.9 * sig(-0.2 * m) - 0.1 * sig(0.2 * m));
+        let dm = (dl(w + 1.0) + dl(w - 2.0)) / 2.0;
+        close(r.d_chosen[0], dm * 0.4 / 2.0, "d source 0");
+        close(r.d_chosen[2], dm * 0.6, "d target");
+        close(r.d_rejected[1], -dl(w - 2.0) / 2.0, "d rejected 1");
+    }
+
+    #[test]
+    fn simpo_and_ipo_hand_derived() {
+        // SimPO: r = β/|y| log π; β = 2, γ = 0.5, α = 0.5: r_s = 2·(−4/4) = −2, r_t = 2·(−3/2) = −3,
+        // r_l = 2·(−8/4) = −4; m = 0.5·(−2) + 0.5·(−3) + 4 − 0.5 = 1.0; L = softplus(−1).
+        let cfg = LossConfig {
+            objective: Objective::SimpoBlend { gamma: 0.5 },
+            alpha: 0.5,
+            beta: 2.0,
+            label_smoothing: 0.0,
+        };
+        let r = run(
+            cfg,
+            &[-4.0, -3.0],
+            &[-8.0],
+            &[9.0, 9.0],
+            &[9.0],
+            &[4.0, 2.0],
+            &[4.0],
+            1,
+        );
+        close(r.loss, sp(-1.0), "simpo loss (reference ignored)");
+        close(r.d_rejected[0], sig(-1.0) * 2.0 / 4.0, "simpo d rejected");
+        // IPO: Δ̄ = Δ/|y|; α = 0.5, β = 0.25 → 1/(2β) = 2. Δ̄_s = (−4 − −6)/4 = 0.5,
+        // Δ̄_t = (−3 − −4)/2 = 0.5, Δ̄_l = (−8 − −6)/4 = −0.5; h = 1; L = (1 − 2)² = 1.
+        let cfg = LossConfig {
+            objective: Objective::IpoBlend,
+            alpha: 0.5,
+            beta: 0.25,
+            label_smoothing: 0.0,
+        };
+        let r = run(
+            cfg,
+            &[-4.0, -3.0],
+            &[-8.0],
+            &[-6.0, -4.0],
+            &[-6.0],
+            &[4.0, 2.0],
+            &[4.0],
+            1,
+        );
+        close(r.loss, 1.0, "ipo loss");
+        close(r.d_chosen[1], 2.0 * (1.0 - 2.0) * 0.5 / 2.0, "ipo d target");
+    }
+
+    #[test]
+    fn softplus_is_stable() {
+        let x = Tensor::<NdArray<f32>, 1>::from_floats(
+            [-1000.0, -1.0, 0.0, 1.0, 1000.0],
+            &Default::default(),
+        );
+        let y: Vec<f32> = softplus(x).into_data().to_vec().unwrap();
+        let want = [
+            0.0,
+            sp(-1.0) as f32,
+            std::f32::consts::LN_2,
+            sp(1.0) as f32,
+            1000.0,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}
