@@ -27,12 +27,59 @@ enum Command {
     Logps(LogpsArgs),
     /// Show which backends this machine can use and what `--backend auto` picks.
     Backends,
+    /// Backend benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Write the built-in tiny LLaMA (with its tokenizer) as a Hugging Face folder.
     ExportTiny {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Fused CubeCL token log-probs vs the composite reference on the same backend: forward and
+    /// forward + backward medians, effective GB/s against the napkin floor, peak memory, parity.
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Args)]
+struct BenchKernelsArgs {
+    #[command(flatten)]
+    backend: BackendArg,
+    /// A case `N,T,V` (sequences, tokens, vocabulary); repeatable. Default: 8,256,128256
+    /// (N·T = 2048 with the Llama-3 vocabulary).
+    #[arg(long = "shape", value_parser = parse_shape)]
+    shapes: Vec<[usize; 3]>,
+    /// Untimed runs before timing, per path and direction.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Seed of the random inputs (default: from the clock; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// One JSON record per case on standard output instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{s:?}: expected N,T,V"))
+        })
+        .collect::<Result<_, _>>()?;
+    match v[..] {
+        [n, t, v] if n > 0 && t > 0 && v > 0 => Ok([n, t, v]),
+        _ => Err(format!("{s:?}: expected three positive numbers N,T,V")),
+    }
 }
 
 #[derive(Args)]
@@ -102,6 +149,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logps(args) => logps(args),
         Command::Backends => backends(),
+        Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::ExportTiny { out } => export_tiny(out),
     }
 }
@@ -228,5 +276,73 @@ fn export_tiny(out: PathBuf) -> Result<()> {
         embedded::TOKENIZER_CONFIG.as_bytes(),
     )?;
     eprintln!("wrote the built-in tiny LLaMA to {}", out.display());
+    Ok(())
+}
+
+fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
+    use wrpo_engine_core::bench::bench_logprobs;
+    let selected = device(a.backend.backend)?;
+    let shapes = if a.shapes.is_empty() {
+        vec![[8, 256, 128256]]
+    } else {
+        a.shapes.clone()
+    };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    anyhow::ensure!(a.reps > 0, "--reps must be at least 1");
+    eprintln!(
+        "seed: {seed}; {} warm-up + {} timed runs per path",
+        a.warmup, a.reps
+    );
+    let label = selected.to_string();
+    if !a.json {
+        println!(
+            "{:>20} {:>9} {:>12} {:>12} {:>9} {:>11} {:>10} {:>10}",
+            "shape N,T,V",
+            "path",
+            "fwd ms",
+            "fwd+bwd ms",
+            "GB/s",
+            "peak MiB",
+            "logp err",
+            "grad err"
+        );
+    }
+    for shape in shapes {
+        let r = dispatch!(selected.clone(), B, device => bench_logprobs::<B>(&device, &label, shape, a.warmup, a.reps, seed));
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+            continue;
+        }
+        let mib = |b: Option<u64>| {
+            b.map_or("n/a".to_string(), |b| {
+                format!("{:.1}", b as f64 / 1048576.0)
+            })
+        };
+        let name = format!("{},{},{}", shape[0], shape[1], shape[2]);
+        for (path, s) in [("fused", &r.fused), ("composite", &r.composite)] {
+            println!(
+                "{:>20} {:>9} {:>12.3} {:>12.3} {:>9.1} {:>11} {:>10.2e} {:>10.2e}",
+                name,
+                path,
+                s.forward_ms,
+                s.forward_backward_ms,
+                s.forward_backward_gbps,
+                mib(s.peak_bytes),
+                r.logp_max_abs_err,
+                r.grad_max_rel_err
+            );
+        }
+        println!(
+            "{:>20} fused/composite: time {:.3}x, peak memory {}",
+            "",
+            r.time_ratio,
+            r.memory_ratio
+                .map_or("n/a".to_string(), |m| format!("{m:.3}x"))
+        );
+    }
     Ok(())
 }

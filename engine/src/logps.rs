@@ -2,7 +2,10 @@
 //! one forward, labels shifted and masked, summed in f32 (see `wrpo_kernels::logprobs`).
 
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
-use wrpo_kernels::{logprobs::sequence_logprobs, IGNORE_INDEX};
+use wrpo_kernels::{
+    logprobs::{sequence_logprobs, LogProbBackend},
+    IGNORE_INDEX,
+};
 use wrpo_models::{Llama, LlamaConfig};
 
 use crate::data::Encoded;
@@ -64,7 +67,7 @@ pub fn make_batch<B: Backend>(
 ///
 /// # Shapes
 /// - returns (`[N]`, `[N]`)
-pub fn batch_logps<B: Backend>(
+pub fn batch_logps<B: LogProbBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     batch: Batch<B>,
@@ -87,7 +90,7 @@ pub struct RowLogps {
 }
 
 /// Log-probs for a group of rows, all their sequences in one forward.
-pub fn rows_logps<B: Backend>(
+pub fn rows_logps<B: LogProbBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     rows: &[Encoded],
@@ -153,7 +156,7 @@ pub struct LogpsOutput {
 
 /// Run `logps`: load tokenizer, data and model, then score every row. `progress(done, total)` is
 /// called after each batch.
-pub fn run_logps<B: Backend>(
+pub fn run_logps<B: LogProbBackend>(
     job: &LogpsJob,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),

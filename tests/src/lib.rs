@@ -31,9 +31,12 @@ pub mod tol {
     };
 }
 
-/// Root of the committed fixtures (`tests/fixtures`).
+/// Root of the committed fixtures: `$WRPO_FIXTURES` if set (prebuilt test binaries run from another
+/// checkout, e.g. the GPU check), else `tests/fixtures` of this source tree.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    std::env::var_os("WRPO_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
 }
 
 /// Summary of a comparison.

@@ -8,10 +8,13 @@
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use serde_json::Value;
-use wrpo_engine_core::backend::{select, BackendChoice, CpuBackend, Selected, WgpuBackend};
+use wrpo_engine_core::backend::{
+    select, BackendChoice, CpuBackend, CudaBackend, Selected, WgpuBackend,
+};
 use wrpo_engine_core::data::{Dataset, EncodeOptions};
 use wrpo_engine_core::logps::rows_logps;
 use wrpo_engine_core::tokenizer::TextTokenizer;
+use wrpo_kernels::logprobs::LogProbBackend;
 use wrpo_models::load_hf;
 use wrpo_tests::{assert_close, fixtures, tol};
 
@@ -77,7 +80,7 @@ fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
     }
 }
 
-fn logps_parity<B: Backend>(device: &B::Device, label: &str) {
+fn logps_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let dir = fixtures().join(name);
         let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
@@ -201,4 +204,24 @@ fn wgpu_logits_match_transformers() {
 #[test]
 fn wgpu_logps_match_transformers() {
     logps_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
+}
+
+fn cuda_device() -> burn::backend::cuda::CudaDevice {
+    match select(BackendChoice::Cuda) {
+        Ok(Selected::Cuda(d)) => d,
+        Ok(other) => panic!("--backend cuda selected {other}"),
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
+#[test]
+#[ignore = "needs CUDA (run with --ignored on a GPU machine)"]
+fn cuda_logits_match_transformers() {
+    logits_parity::<CudaBackend>(&cuda_device(), "cuda");
+}
+
+#[test]
+#[ignore = "needs CUDA (run with --ignored on a GPU machine)"]
+fn cuda_logps_match_transformers() {
+    logps_parity::<CudaBackend>(&cuda_device(), "cuda");
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a machine with an NVIDIA driver, run the CUDA parity tests (kernels:
+# fused vs composite vs f64; model: logits and log-probs vs transformers) and the kernel benchmarks
+# on --backend cuda, and write the results to $OUT (or ./gpu-results). Target: under 5 minutes.
+#
+# Two ways to run it:
+#   * with cargo on the GPU machine:   bash benches/gpu_check.sh
+#   * with binaries built elsewhere:   bash benches/prepare_gpu_check.sh   (here, builds .gpu/)
+#                                      then on the GPU machine, from the repo root, with .gpu/ beside it:
+#                                      bash benches/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export WRPO_FIXTURES="$PWD/tests/fixtures" XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+if [ -x .gpu/wrpo-engine ]; then
+  engine=.gpu/wrpo-engine kernels=.gpu/kernels-tests parity=.gpu/parity-tests
+else
+  cargo build --release -p wrpo-cli
+  engine=target/release/wrpo-engine
+  kernels=$(cargo test --release -p wrpo-kernels --no-run --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n1)
+  parity=$(cargo test --release -p wrpo-tests --test parity --no-run --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n1)
+fi
+status=0
+{
+  echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  echo "== backends"; "$engine" backends
+  echo "== kernel parity on CUDA (ignored tests named cuda)"
+  timeout 150 "$kernels" --ignored cuda --test-threads 1 --nocapture || status=1
+  echo "== model parity on CUDA vs transformers"
+  timeout 90 "$parity" --ignored cuda --test-threads 1 --nocapture || status=1
+  echo "== kernel benchmarks on CUDA"
+  timeout 150 "$engine" bench kernels --backend cuda --warmup 2 --reps 10 \
+    --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 || status=1
+} 2>&1 | tee "$out/gpu_check.txt"
+"$engine" bench kernels --backend cuda --warmup 2 --reps 10 --json \
+  --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 > "$out/bench_cuda.jsonl" 2>>"$out/gpu_check.txt" || status=1
+echo "gpu check finished with status $status; results in $out/"
+exit $status

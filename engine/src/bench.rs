@@ -1,0 +1,208 @@
+//! `wrpo-engine bench kernels`: the fused CubeCL token log-prob op against its composite reference
+//! on the same backend, forward and forward + backward, with device-synchronised medians after
+//! warm-up, effective bandwidth against the napkin floor, peak memory and the parity error of
+//! each run.
+//!
+//! Napkin floor: the forward must read the logits once (`4·N·T·V` bytes); forward + backward must
+//! read them once and write their gradient once (`8·N·T·V` bytes). Effective GB/s = floor / time.
+//!
+//! Peak memory (CubeCL backends): the memory pool is cleaned, then one run of a path is made and the
+//! growth of the pool's reserved bytes is reported. Pools keep pages until cleaned, so the growth
+//! is a high-water mark of that path's allocations (inputs excluded, its outputs included).
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
+use serde::Serialize;
+use wrpo_kernels::logprobs::{token_logprobs, token_logprobs_reference, LogProbBackend};
+use wrpo_kernels::IGNORE_INDEX;
+
+/// Memory statistics where the backend has a pool to ask.
+pub trait MemoryProbe: Backend {
+    /// Bytes reserved by the device's memory pool, if known.
+    fn reserved_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+    /// Return unused pool memory to the device.
+    fn release_memory(_device: &Self::Device) {}
+}
+
+impl MemoryProbe for crate::backend::CpuBackend {}
+
+impl<R, F, I, BT> MemoryProbe for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn reserved_bytes(device: &Self::Device) -> Option<u64> {
+        R::client(device)
+            .memory_usage()
+            .ok()
+            .map(|m| m.bytes_reserved)
+    }
+    fn release_memory(device: &Self::Device) {
+        R::client(device).memory_cleanup();
+    }
+}
+
+/// Timings and memory of one path.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathStats {
+    /// Median forward time, ms.
+    pub forward_ms: f64,
+    /// Median forward + backward time, ms.
+    pub forward_backward_ms: f64,
+    /// Effective bandwidth of forward + backward against the floor, GB/s.
+    pub forward_backward_gbps: f64,
+    /// Peak pool growth during one forward + backward, bytes (None on the cpu backend).
+    pub peak_bytes: Option<u64>,
+}
+
+/// One benchmark case: both paths on one shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelRecord {
+    /// Always `token_logprobs`.
+    pub op: &'static str,
+    /// The backend, as printed by `--backend`.
+    pub backend: String,
+    /// `[N, T, V]`.
+    pub shape: [usize; 3],
+    /// Seed of the random inputs.
+    pub seed: u64,
+    /// The CubeCL kernel (the composite on backends without one).
+    pub fused: PathStats,
+    /// Plain Burn ops under Burn's autodiff.
+    pub composite: PathStats,
+    /// fused / composite, forward + backward time.
+    pub time_ratio: f64,
+    /// fused / composite, peak memory.
+    pub memory_ratio: Option<f64>,
+    /// Max |fused − composite| of the per-token log-probs.
+    pub logp_max_abs_err: f64,
+    /// Max |fused − composite| of the logits gradient, relative to max |composite gradient|.
+    pub grad_max_rel_err: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn sync<B: Backend>(device: &B::Device) {
+    B::sync(device).expect("device synchronisation failed");
+}
+
+/// Run one case. `reps` timed runs after `warmup` untimed ones, per path and direction.
+pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
+    device: &B::Device,
+    backend: &str,
+    [n, t, v]: [usize; 3],
+    warmup: usize,
+    reps: usize,
+    seed: u64,
+) -> KernelRecord {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    B::seed(device, seed);
+    let logits = Tensor::<B, 3>::random([n, t, v], Distribution::Normal(0.0, 2.0), device);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let labels: Vec<i64> = (0..n * t)
+        .map(|_| {
+            if rng.random::<f32>() < 0.3 {
+                IGNORE_INDEX
+            } else {
+                rng.random_range(0..v as i64)
+            }
+        })
+        .collect();
+    let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [n, t]), device);
+    let weights = Tensor::<B, 2>::random([n, t], Distribution::Uniform(-1.0, 1.0), device);
+    type A<B> = Autodiff<B>;
+
+    let forward = |fused: bool| -> Tensor<B, 2> {
+        if fused {
+            token_logprobs(logits.clone(), labels.clone())
+        } else {
+            token_logprobs_reference(logits.clone(), labels.clone())
+        }
+    };
+    let both = |fused: bool| -> (Tensor<B, 2>, Tensor<B, 3>) {
+        let x = Tensor::<A<B>, 3>::from_inner(logits.clone()).require_grad();
+        let y = Tensor::<A<B>, 2, Int>::from_inner(labels.clone());
+        let lp = if fused {
+            token_logprobs(x.clone(), y)
+        } else {
+            token_logprobs_reference(x.clone(), y)
+        };
+        let loss = (lp.clone() * Tensor::from_inner(weights.clone())).sum();
+        let grads = loss.backward();
+        (lp.inner(), x.grad(&grads).expect("logits gradient"))
+    };
+    let floor_bytes = 8.0 * (n * t * v) as f64;
+    let stats = |fused: bool| -> PathStats {
+        let time = |f: &dyn Fn()| -> f64 {
+            for _ in 0..warmup {
+                f();
+            }
+            sync::<B>(device);
+            median(
+                (0..reps)
+                    .map(|_| {
+                        let start = Instant::now();
+                        f();
+                        sync::<B>(device);
+                        start.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            )
+        };
+        let forward_ms = time(&|| drop(forward(fused)));
+        let forward_backward_ms = time(&|| drop(both(fused)));
+        B::release_memory(device);
+        sync::<B>(device);
+        let base = B::reserved_bytes(device);
+        let out = both(fused);
+        sync::<B>(device);
+        let peak_bytes = base.and_then(|b| B::reserved_bytes(device).map(|a| a.saturating_sub(b)));
+        drop(out);
+        B::release_memory(device);
+        PathStats {
+            forward_ms,
+            forward_backward_ms,
+            forward_backward_gbps: floor_bytes / (forward_backward_ms * 1e-3) / 1e9,
+            peak_bytes,
+        }
+    };
+    let fused = stats(true);
+    let composite = stats(false);
+    let (lf, gf) = both(true);
+    let (lc, gc) = both(false);
+    let logp_max_abs_err = (lf - lc).abs().max().into_scalar().elem::<f64>();
+    let grad_scale = gc
+        .clone()
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f64>()
+        .max(f64::MIN_POSITIVE);
+    let grad_max_rel_err = (gf - gc).abs().max().into_scalar().elem::<f64>() / grad_scale;
+    KernelRecord {
+        op: "token_logprobs",
+        backend: backend.to_string(),
+        shape: [n, t, v],
+        seed,
+        time_ratio: fused.forward_backward_ms / composite.forward_backward_ms,
+        memory_ratio: match (fused.peak_bytes, composite.peak_bytes) {
+            (Some(f), Some(c)) if c > 0 => Some(f as f64 / c as f64),
+            _ => None,
+        },
+        fused,
+        composite,
+        logp_max_abs_err,
+        grad_max_rel_err,
+    }
+}
+
+use burn::tensor::ElementConversion;
