@@ -13,11 +13,14 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export WRPO_FIXTURES="$PWD/tests/fixtures" XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+if [ -f .gpu/bin.tar.gz ] && [ ! -x .gpu/wrpo-engine ]; then
+  tar -C .gpu -xzf .gpu/bin.tar.gz
+fi
 if [ -x .gpu/wrpo-engine ]; then
   engine=.gpu/wrpo-engine kernels=.gpu/kernels-tests parity=.gpu/parity-tests
 else
   cargo build --release -p wrpo-cli
-  engine=target/release/wrpo-engine
+  engine="${CARGO_TARGET_DIR:-target}/release/wrpo-engine"
   kernels=$(cargo test --release -p wrpo-kernels --no-run --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n1)
   parity=$(cargo test --release -p wrpo-tests --test parity --no-run --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n1)
 fi
@@ -29,11 +32,10 @@ status=0
   timeout 150 "$kernels" --ignored cuda --test-threads 1 --nocapture || status=1
   echo "== model parity on CUDA vs transformers"
   timeout 90 "$parity" --ignored cuda --test-threads 1 --nocapture || status=1
-  echo "== kernel benchmarks on CUDA"
-  timeout 150 "$engine" bench kernels --backend cuda --warmup 2 --reps 10 \
-    --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 || status=1
+  echo "== kernel benchmarks on CUDA (one JSON record per case)"
+  timeout 200 "$engine" bench kernels --backend cuda --warmup 2 --reps 10 --json \
+    --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 \
+    | tee "$out/bench_cuda.jsonl" || status=1
 } 2>&1 | tee "$out/gpu_check.txt"
-"$engine" bench kernels --backend cuda --warmup 2 --reps 10 --json \
-  --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 > "$out/bench_cuda.jsonl" 2>>"$out/gpu_check.txt" || status=1
 echo "gpu check finished with status $status; results in $out/"
 exit $status
