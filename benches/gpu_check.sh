@@ -31,7 +31,7 @@ status=0
   echo "== kernel parity on CUDA (ignored tests named cuda)"
   timeout 150 "$kernels" --ignored cuda --test-threads 1 --nocapture || status=1
   echo "== model parity on CUDA vs transformers"
-  timeout 90 "$parity" --ignored cuda --test-threads 1 --nocapture || status=1
+  timeout 150 "$parity" --ignored cuda --test-threads 1 --nocapture || status=1
   echo "== kernel benchmarks on CUDA (one JSON record per case)"
   timeout 200 "$engine" bench kernels --backend cuda --warmup 2 --reps 10 --json \
     --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 \

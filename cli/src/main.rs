@@ -65,6 +65,9 @@ struct BenchKernelsArgs {
     /// One JSON record per case on standard output instead of a table.
     #[arg(long)]
     json: bool,
+    /// Internal: measure one path's peak memory in this (fresh) process and print it.
+    #[arg(long, hide = true, value_parser = ["fused", "composite"])]
+    memory_probe: Option<String>,
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
@@ -279,8 +282,58 @@ fn export_tiny(out: PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// Run this binary again for one path's peak memory (a fresh process has a fresh memory pool).
+fn probe_memory(backend: &str, shape: [usize; 3], seed: u64, path: &str) -> Result<Option<u64>> {
+    let exe = std::env::current_exe().context("locating the wrpo-engine binary")?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "bench",
+            "kernels",
+            "--backend",
+            backend,
+            "--seed",
+            &seed.to_string(),
+            "--memory-probe",
+            path,
+        ])
+        .arg("--shape")
+        .arg(format!("{},{},{}", shape[0], shape[1], shape[2]))
+        .output()
+        .context("running the memory probe")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "memory probe ({path}) failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .trim()
+        .strip_prefix("peak_bytes=")
+        .and_then(|v| v.parse().ok()))
+}
+
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
-    use wrpo_engine_core::bench::bench_logprobs;
+    use wrpo_engine_core::bench::{bench_logprobs, peak_memory};
+    if let Some(path) = &a.memory_probe {
+        let selected = select(a.backend.backend)?;
+        let [shape] = a.shapes[..] else {
+            anyhow::bail!("--memory-probe takes exactly one --shape")
+        };
+        let seed = a.seed.unwrap_or(0);
+        let fused = path == "fused";
+        let peak = dispatch!(selected, B, device => peak_memory::<B>(&device, shape, seed, fused));
+        if let Some(p) = peak {
+            println!("peak_bytes={p}");
+        }
+        return Ok(());
+    }
+    let backend_arg = match a.backend.backend {
+        BackendChoice::Auto => "auto",
+        BackendChoice::Cuda => "cuda",
+        BackendChoice::Wgpu => "wgpu",
+        BackendChoice::Cpu => "cpu",
+    };
     let selected = device(a.backend.backend)?;
     let shapes = if a.shapes.is_empty() {
         vec![[8, 256, 128256]]
@@ -312,7 +365,13 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         );
     }
     for shape in shapes {
-        let r = dispatch!(selected.clone(), B, device => bench_logprobs::<B>(&device, &label, shape, a.warmup, a.reps, seed));
+        let mut r = dispatch!(selected.clone(), B, device => bench_logprobs::<B>(&device, &label, shape, a.warmup, a.reps, seed));
+        r.fused.peak_bytes = probe_memory(backend_arg, shape, seed, "fused")?;
+        r.composite.peak_bytes = probe_memory(backend_arg, shape, seed, "composite")?;
+        r.memory_ratio = match (r.fused.peak_bytes, r.composite.peak_bytes) {
+            (Some(f), Some(c)) if c > 0 => Some(f as f64 / c as f64),
+            _ => None,
+        };
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
             continue;

@@ -6,9 +6,11 @@
 //! Napkin floor: the forward must read the logits once (`4·N·T·V` bytes); forward + backward must
 //! read them once and write their gradient once (`8·N·T·V` bytes). Effective GB/s = floor / time.
 //!
-//! Peak memory (CubeCL backends): the memory pool is cleaned, then one run of a path is made and the
-//! growth of the pool's reserved bytes is reported. Pools keep pages until cleaned, so the growth
-//! is a high-water mark of that path's allocations (inputs excluded, its outputs included).
+//! Peak memory (CubeCL backends) is measured by [`peak_memory`] in a fresh process per path (the CLI
+//! re-runs itself): the inputs are created, then one forward + backward of the path runs, and the
+//! growth of the memory pool's reserved bytes is reported. A fresh pool only grows, so the growth
+//! is the high-water mark of that path's allocations (inputs excluded, its outputs included).
+//! Measuring in the timing process instead would see pages left over from earlier runs.
 
 use std::time::Instant;
 
@@ -160,19 +162,11 @@ pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
         };
         let forward_ms = time(&|| drop(forward(fused)));
         let forward_backward_ms = time(&|| drop(both(fused)));
-        B::release_memory(device);
-        sync::<B>(device);
-        let base = B::reserved_bytes(device);
-        let out = both(fused);
-        sync::<B>(device);
-        let peak_bytes = base.and_then(|b| B::reserved_bytes(device).map(|a| a.saturating_sub(b)));
-        drop(out);
-        B::release_memory(device);
         PathStats {
             forward_ms,
             forward_backward_ms,
             forward_backward_gbps: floor_bytes / (forward_backward_ms * 1e-3) / 1e9,
-            peak_bytes,
+            peak_bytes: None,
         }
     };
     let fused = stats(true);
@@ -206,3 +200,65 @@ pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
 }
 
 use burn::tensor::ElementConversion;
+
+/// Random logits `~ N(0, 2²)`, labels with ~30% ignored, loss weights `~ U(−1, 1)`.
+fn inputs<B: Backend>(
+    device: &B::Device,
+    [n, t, v]: [usize; 3],
+    seed: u64,
+) -> (Tensor<B, 3>, Tensor<B, 2, Int>, Tensor<B, 2>) {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    B::seed(device, seed);
+    let logits = Tensor::<B, 3>::random([n, t, v], Distribution::Normal(0.0, 2.0), device);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let labels: Vec<i64> = (0..n * t)
+        .map(|_| {
+            if rng.random::<f32>() < 0.3 {
+                IGNORE_INDEX
+            } else {
+                rng.random_range(0..v as i64)
+            }
+        })
+        .collect();
+    let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [n, t]), device);
+    let weights = Tensor::<B, 2>::random([n, t], Distribution::Uniform(-1.0, 1.0), device);
+    (logits, labels, weights)
+}
+
+/// One forward + backward of `Σ w·logp` through the fused op or the composite under autodiff.
+/// Returns (`logp [N, T]`, `dlogits [N, T, V]`).
+fn forward_backward<B: LogProbBackend>(
+    logits: &Tensor<B, 3>,
+    labels: &Tensor<B, 2, Int>,
+    weights: &Tensor<B, 2>,
+    fused: bool,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let x = Tensor::<Autodiff<B>, 3>::from_inner(logits.clone()).require_grad();
+    let y = Tensor::<Autodiff<B>, 2, Int>::from_inner(labels.clone());
+    let lp = if fused {
+        token_logprobs(x.clone(), y)
+    } else {
+        token_logprobs_reference(x.clone(), y)
+    };
+    let loss = (lp.clone() * Tensor::from_inner(weights.clone())).sum();
+    let grads = loss.backward();
+    (lp.inner(), x.grad(&grads).expect("logits gradient"))
+}
+
+/// Peak pool growth of one forward + backward of a path; call in a fresh process (see the module
+/// docs). `None` on backends without a memory pool to ask (cpu).
+pub fn peak_memory<B: LogProbBackend + MemoryProbe>(
+    device: &B::Device,
+    shape: [usize; 3],
+    seed: u64,
+    fused: bool,
+) -> Option<u64> {
+    let (logits, labels, weights) = inputs::<B>(device, shape, seed);
+    sync::<B>(device);
+    let base = B::reserved_bytes(device)?;
+    let out = forward_backward(&logits, &labels, &weights, fused);
+    sync::<B>(device);
+    let peak = B::reserved_bytes(device)?.saturating_sub(base);
+    drop(out);
+    Some(peak)
+}
