@@ -59,7 +59,8 @@ pub struct PathStats {
     pub forward_backward_ms: f64,
     /// Effective bandwidth of forward + backward against the floor, GB/s.
     pub forward_backward_gbps: f64,
-    /// Peak pool growth during one forward + backward, bytes (None on the cpu backend).
+    /// Peak pool growth during one forward + backward, bytes, from [`peak_memory`] in a fresh
+    /// process (None on the cpu backend, and until the caller fills it in).
     pub peak_bytes: Option<u64>,
 }
 
@@ -106,23 +107,7 @@ pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
     reps: usize,
     seed: u64,
 ) -> KernelRecord {
-    use rand::{rngs::StdRng, Rng, SeedableRng};
-    B::seed(device, seed);
-    let logits = Tensor::<B, 3>::random([n, t, v], Distribution::Normal(0.0, 2.0), device);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let labels: Vec<i64> = (0..n * t)
-        .map(|_| {
-            if rng.random::<f32>() < 0.3 {
-                IGNORE_INDEX
-            } else {
-                rng.random_range(0..v as i64)
-            }
-        })
-        .collect();
-    let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [n, t]), device);
-    let weights = Tensor::<B, 2>::random([n, t], Distribution::Uniform(-1.0, 1.0), device);
-    type A<B> = Autodiff<B>;
-
+    let (logits, labels, weights) = inputs::<B>(device, [n, t, v], seed);
     let forward = |fused: bool| -> Tensor<B, 2> {
         if fused {
             token_logprobs(logits.clone(), labels.clone())
@@ -130,18 +115,7 @@ pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
             token_logprobs_reference(logits.clone(), labels.clone())
         }
     };
-    let both = |fused: bool| -> (Tensor<B, 2>, Tensor<B, 3>) {
-        let x = Tensor::<A<B>, 3>::from_inner(logits.clone()).require_grad();
-        let y = Tensor::<A<B>, 2, Int>::from_inner(labels.clone());
-        let lp = if fused {
-            token_logprobs(x.clone(), y)
-        } else {
-            token_logprobs_reference(x.clone(), y)
-        };
-        let loss = (lp.clone() * Tensor::from_inner(weights.clone())).sum();
-        let grads = loss.backward();
-        (lp.inner(), x.grad(&grads).expect("logits gradient"))
-    };
+    let both = |fused: bool| forward_backward(&logits, &labels, &weights, fused);
     let floor_bytes = 8.0 * (n * t * v) as f64;
     let stats = |fused: bool| -> PathStats {
         let time = |f: &dyn Fn()| -> f64 {
@@ -188,10 +162,8 @@ pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
         shape: [n, t, v],
         seed,
         time_ratio: fused.forward_backward_ms / composite.forward_backward_ms,
-        memory_ratio: match (fused.peak_bytes, composite.peak_bytes) {
-            (Some(f), Some(c)) if c > 0 => Some(f as f64 / c as f64),
-            _ => None,
-        },
+        // Filled in by the caller from `peak_memory` runs in fresh processes.
+        memory_ratio: None,
         fused,
         composite,
         logp_max_abs_err,
