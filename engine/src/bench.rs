@@ -26,8 +26,6 @@ pub trait MemoryProbe: Backend {
     fn reserved_bytes(_device: &Self::Device) -> Option<u64> {
         None
     }
-    /// Return unused pool memory to the device.
-    fn release_memory(_device: &Self::Device) {}
 }
 
 impl MemoryProbe for crate::backend::CpuBackend {}
@@ -44,9 +42,6 @@ where
             .memory_usage()
             .ok()
             .map(|m| m.bytes_reserved)
-    }
-    fn release_memory(device: &Self::Device) {
-        R::client(device).memory_cleanup();
     }
 }
 

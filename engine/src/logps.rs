@@ -163,11 +163,9 @@ pub fn run_logps<B: LogProbBackend>(
 ) -> anyhow::Result<LogpsOutput> {
     use crate::data::{Dataset, EncodeOptions};
     anyhow::ensure!(job.batch_size > 0, "--batch-size must be at least 1");
-    let tok = job.model.tokenizer()?;
-    let vocab_size = match &job.model {
-        crate::model::ModelSource::Embedded => crate::embedded::config().vocab_size,
-        crate::model::ModelSource::Dir(d) => wrpo_models::checkpoint::load_config(d)?.vocab_size,
-    };
+    let model_cfg = job.model.config()?;
+    let tok = job.model.tokenizer(&model_cfg)?;
+    let vocab_size = model_cfg.vocab_size;
     let opts = EncodeOptions {
         max_length: job.max_length,
         max_prompt_length: job.max_prompt_length,

@@ -33,18 +33,22 @@ impl ModelSource {
         }
     }
 
+    /// The model's configuration (`config.json`, or the embedded one); reads no weights.
+    pub fn config(&self) -> Result<LlamaConfig> {
+        Ok(match self {
+            Self::Embedded => embedded::config(),
+            Self::Dir(d) => load_config(d)?,
+        })
+    }
+
     /// The tokenizer (`None` for a folder without `tokenizer.json`: only pre-tokenized rows then),
-    /// checked against the model's vocabulary before any weight is read.
-    pub fn tokenizer(&self) -> Result<Option<TextTokenizer>> {
-        let (tok, cfg) = match self {
-            Self::Embedded => (embedded::tokenizer()?, embedded::config()),
-            Self::Dir(d) => {
-                let cfg = load_config(d)?;
-                if !d.join("tokenizer.json").is_file() {
-                    return Ok(None);
-                }
-                (TextTokenizer::load(d)?, cfg)
-            }
+    /// checked against the model's vocabulary (`cfg`, from [`Self::config`]) before any weight is
+    /// read.
+    pub fn tokenizer(&self, cfg: &LlamaConfig) -> Result<Option<TextTokenizer>> {
+        let tok = match self {
+            Self::Embedded => embedded::tokenizer()?,
+            Self::Dir(d) if !d.join("tokenizer.json").is_file() => return Ok(None),
+            Self::Dir(d) => TextTokenizer::load(d)?,
         };
         if tok.vocab_size() > cfg.vocab_size {
             bail!(

@@ -116,7 +116,8 @@ fn tokenizer_larger_than_the_model_vocabulary_is_refused() {
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["vocab_size"] = 400.into();
     std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
-    let err = match ModelSource::Dir(dir.clone()).tokenizer() {
+    let source = ModelSource::Dir(dir.clone());
+    let err = match source.tokenizer(&source.config().unwrap()) {
         Ok(_) => panic!("a 483-token tokenizer was accepted for a 400-token model"),
         Err(e) => format!("{e:#}"),
     };
