@@ -12,6 +12,8 @@ use wrpo_engine_core::dispatch;
 use wrpo_engine_core::logps::{run_logps, LogpsJob};
 use wrpo_engine_core::model::ModelSource;
 
+mod train;
+
 #[derive(Parser)]
 #[command(name = "wrpo-engine", version, about = "WRPO (Weighted-Reward Preference Optimization) for LLaMA models, on CUDA, WGPU or the CPU", long_about = None)]
 struct Cli {
@@ -21,6 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LLaMA with WRPO (or the DPO / SimPO / IPO baselines) on WRPO rows.
+    ///
+    /// Without --model: the built-in tiny LLaMA learns the bundled dataset (about a minute on a
+    /// CPU). Settings come from the authors' WRPO defaults, then --config FILE (YAML), then flags.
+    Train(Box<train::TrainCmd>),
     /// Per-sequence completion log-probs of WRPO rows under a model (one JSON line per row).
     ///
     /// Without --model, uses the built-in tiny LLaMA and the bundled dataset.
@@ -89,7 +96,7 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
 struct BackendArg {
     /// auto (CUDA, else a GPU through wgpu, else CPU), cuda, wgpu or cpu.
     #[arg(long, default_value = "auto")]
-    backend: BackendChoice,
+    pub backend: BackendChoice,
 }
 
 #[derive(Args)]
@@ -150,6 +157,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(args) => train::train(*args),
         Command::Logps(args) => logps(args),
         Command::Backends => backends(),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),

@@ -562,6 +562,26 @@ impl Dataset {
     }
 }
 
+/// Load `path`, or the bundled dataset of the embedded default when `None`.
+pub fn load_or_bundled(
+    path: Option<&Path>,
+    tok: Option<&TextTokenizer>,
+    opts: &EncodeOptions,
+    skip_bad_rows: bool,
+) -> Result<Dataset> {
+    match path {
+        Some(path) => {
+            crate::model::require_file(path, "--data")?;
+            Dataset::load(path, tok, opts, skip_bad_rows)
+        }
+        None => {
+            let label = Path::new(crate::embedded::LABEL).join("wrpo_tiny.jsonl");
+            let parsed = parse_rows(&label, crate::embedded::DATASET)?;
+            Dataset::from_rows(&label, parsed, tok, opts, skip_bad_rows)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,4 +14,5 @@ pub mod embedded;
 pub mod logps;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 pub mod util;

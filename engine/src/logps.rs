@@ -161,7 +161,7 @@ pub fn run_logps<B: LogProbBackend>(
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<LogpsOutput> {
-    use crate::data::{Dataset, EncodeOptions};
+    use crate::data::EncodeOptions;
     anyhow::ensure!(job.batch_size > 0, "--batch-size must be at least 1");
     let model_cfg = job.model.config()?;
     let tok = job.model.tokenizer(&model_cfg)?;
@@ -171,17 +171,8 @@ pub fn run_logps<B: LogProbBackend>(
         max_prompt_length: job.max_prompt_length,
         vocab_size,
     };
-    let ds = match &job.data {
-        Some(path) => {
-            crate::model::require_file(path, "--data")?;
-            Dataset::load(path, tok.as_ref(), &opts, job.skip_bad_rows)?
-        }
-        None => {
-            let label = std::path::Path::new(crate::embedded::LABEL).join("wrpo_tiny.jsonl");
-            let parsed = crate::data::parse_rows(&label, crate::embedded::DATASET)?;
-            Dataset::from_rows(&label, parsed, tok.as_ref(), &opts, job.skip_bad_rows)?
-        }
-    };
+    let ds =
+        crate::data::load_or_bundled(job.data.as_deref(), tok.as_ref(), &opts, job.skip_bad_rows)?;
     let (model, cfg) = job.model.load::<B>(device)?;
     let pad = tok
         .as_ref()

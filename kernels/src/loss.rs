@@ -89,9 +89,12 @@ pub struct LossOutput<B: Backend> {
     pub rejected_rewards: Tensor<B, 2>,
 }
 
-/// `softplus(x) = log(1 + eˣ)`, stable for any x.
+/// `softplus(x) = log(1 + eˣ) = −log σ(−x)`, stable for any x, with the exact gradient σ(x)
+/// everywhere — including x = 0, the margin of every row at the first step (policy = reference).
+/// (`max(x, 0) + log1p(e^−|x|)` has the right value but autodiff gives it gradient 1 instead of
+/// ½ at 0, through the kinks of `max` and `|x|`: twice DPO's first gradient.)
 pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
+    burn::tensor::activation::log_sigmoid(x.neg()).neg()
 }
 
 /// Composite reference of the preference loss (plain tensor ops: autodiff gives the gradient).
@@ -99,10 +102,7 @@ pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 pub fn preference_loss<B: Backend>(cfg: &LossConfig, x: PreferenceInputs<B>) -> LossOutput<B> {
     let [b, k1] = x.policy_chosen.dims();
     let [_, r] = x.policy_rejected.dims();
-    assert!(
-        k1 >= 2,
-        "chosen needs K ≥ 1 source columns and the target column, got {k1} columns"
-    );
+    assert!(k1 >= 1, "chosen needs at least the target column");
     let (alpha, beta) = (cfg.alpha, cfg.beta);
     // Per-sequence scores whose weighted difference is the margin.
     let (chosen, rejected) = match cfg.objective {
@@ -119,7 +119,13 @@ pub fn preference_loss<B: Backend>(cfg: &LossConfig, x: PreferenceInputs<B>) -> 
             (x.policy_rejected - x.reference_rejected) / x.rejected_tokens,
         ),
     };
-    let source = chosen.clone().narrow(1, 0, k1 - 1).mean_dim(1); // [B,1]
+    // With one chosen column (pairwise data for the DPO/SimPO/IPO baselines, α = 0) the source
+    // reward is reported equal to the target's.
+    let source = if k1 == 1 {
+        chosen.clone()
+    } else {
+        chosen.clone().narrow(1, 0, k1 - 1).mean_dim(1)
+    }; // [B,1]
     let target = chosen.narrow(1, k1 - 1, 1); // [B,1]
     let weighted = source.clone() * alpha + target.clone() * (1.0 - alpha); // [B,1]
     let diff = weighted.clone().expand([b, r]) - rejected.clone(); // [B,R]
@@ -249,6 +255,59 @@ mod tests {
         close(r.d_chosen[0], s * 0.25, "d source");
         close(r.d_chosen[1], s * 0.75, "d target");
         close(r.d_rejected[0], -s, "d rejected");
+    }
+
+    /// Policy = reference (every row at the first step): m = 0 exactly, L = log 2 and
+    /// ∂L/∂logπ = −β/2 × (α, 1−α, −1) — σ(0) = ½, not the 1 a max/abs softplus's kinks give.
+    /// Also the single-chosen-column layout (pairwise data, α = 0).
+    #[test]
+    fn zero_margin_gradient_is_half() {
+        for (pc, rc) in [
+            (&[-3.0f32, -2.0][..], &[-3.0f32, -2.0][..]),
+            (&[-2.0][..], &[-2.0][..]),
+        ] {
+            let alpha = if pc.len() == 1 { 0.0 } else { 0.25 };
+            let cfg = LossConfig {
+                objective: Objective::Wrpo,
+                alpha,
+                beta: 0.1,
+                label_smoothing: 0.0,
+            };
+            let ones = vec![1.0; pc.len()];
+            let r = run(cfg, pc, &[-4.0], rc, &[-4.0], &ones, &[1.0], 1);
+            close(r.loss, 2f64.ln(), "loss");
+            let s = -0.1 * 0.5;
+            if pc.len() == 2 {
+                close(r.d_chosen[0], s * alpha, "d source");
+            }
+            close(*r.d_chosen.last().unwrap(), s * (1.0 - alpha), "d target");
+            close(r.d_rejected[0], -s, "d rejected");
+        }
+    }
+
+    /// The stable softplus at extreme arguments: finite values and gradients.
+    #[test]
+    fn softplus_is_stable_far_out() {
+        let x = t(&[-200.0, -30.0, 0.0, 30.0, 200.0], 1).require_grad();
+        let y = softplus(x.clone());
+        let v: Vec<f32> = y.clone().into_data().to_vec().unwrap();
+        let want = [0.0, 9.357623e-14, std::f32::consts::LN_2, 30.0, 200.0];
+        for (a, b) in v.iter().zip(want) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "softplus {a} vs {b}"
+            );
+        }
+        let g: Vec<f32> = x
+            .grad(&y.sum().backward())
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let want = [0.0, 9.357623e-14, 0.5, 1.0, 1.0];
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-6, "softplus' {a} vs {b}");
+        }
     }
 
     #[test]

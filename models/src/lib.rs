@@ -16,4 +16,4 @@ pub mod rope;
 
 pub use checkpoint::{load_hf, save_hf, ModelError};
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind};
-pub use llama::Llama;
+pub use llama::{Llama, ParamRef};

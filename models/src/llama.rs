@@ -156,15 +156,31 @@ pub struct Llama<B: Backend> {
 }
 
 fn param<B: Backend, const D: usize>(
-    source: &mut dyn FnMut(&str, &[usize]) -> Vec<f32>,
+    source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>,
     name: &str,
     shape: [usize; D],
-    device: &B::Device,
 ) -> Param<Tensor<B, D>> {
-    Param::from_tensor(Tensor::from_data(
-        TensorData::new(source(name, &shape), shape),
-        device,
-    ))
+    // Reshaped before `Param::from_tensor`, which marks the (reshaped) tensor as the autodiff leaf.
+    Param::from_tensor(source(name, &shape).reshape(shape))
+}
+
+/// A parameter of either rank, for [`Llama::visit_params`].
+#[derive(Debug)]
+pub enum ParamRef<'a, B: Backend> {
+    /// An RMSNorm weight, `[H]`.
+    D1(&'a Param<Tensor<B, 1>>),
+    /// A linear or embedding weight, `[out, in]`.
+    D2(&'a Param<Tensor<B, 2>>),
+}
+
+impl<B: Backend> ParamRef<'_, B> {
+    /// The value, flattened to `[numel]`.
+    pub fn flat(&self) -> Tensor<B, 1> {
+        match self {
+            ParamRef::D1(p) => p.val(),
+            ParamRef::D2(p) => p.val().flatten(0, 1),
+        }
+    }
 }
 
 /// Checkpoint tensor names and shapes for a configuration, in a stable order.
@@ -213,22 +229,30 @@ impl<B: Backend> Llama<B> {
         device: &B::Device,
         source: &mut dyn FnMut(&str, &[usize]) -> Vec<f32>,
     ) -> Self {
+        Self::build_from(cfg, &mut |name, shape| {
+            let n: usize = shape.iter().product();
+            Tensor::from_data(TensorData::new(source(name, shape), [n]), device)
+        })
+    }
+
+    /// Build a model from flat device tensors: `source(name, shape)` returns `[numel]` (the
+    /// trainer keeps its parameters flat and rebuilds the module for each step at no copy cost).
+    pub fn build_from(
+        cfg: &LlamaConfig,
+        source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>,
+    ) -> Self {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let embed_tokens = param(
-            source,
-            "model.embed_tokens.weight",
-            [cfg.vocab_size, h],
-            device,
-        );
+        let embed_tokens = param(source, "model.embed_tokens.weight", [cfg.vocab_size, h]);
         let layers = (0..cfg.num_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
                 let a = format!("{p}.self_attn");
                 let m = format!("{p}.mlp");
-                let norm = |source: &mut dyn FnMut(&str, &[usize]) -> Vec<f32>, n: &str| RmsNorm {
-                    weight: param(source, &format!("{p}.{n}.weight"), [h], device),
-                    eps: cfg.rms_norm_eps,
-                };
+                let norm =
+                    |source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>, n: &str| RmsNorm {
+                        weight: param(source, &format!("{p}.{n}.weight"), [h]),
+                        eps: cfg.rms_norm_eps,
+                    };
                 DecoderLayer {
                     self_attn: Attention {
                         q_proj: HfLinear {
@@ -236,7 +260,6 @@ impl<B: Backend> Llama<B> {
                                 source,
                                 &format!("{a}.q_proj.weight"),
                                 [cfg.num_heads * hd, h],
-                                device,
                             ),
                         },
                         k_proj: HfLinear {
@@ -244,7 +267,6 @@ impl<B: Backend> Llama<B> {
                                 source,
                                 &format!("{a}.k_proj.weight"),
                                 [cfg.num_kv_heads * hd, h],
-                                device,
                             ),
                         },
                         v_proj: HfLinear {
@@ -252,7 +274,6 @@ impl<B: Backend> Llama<B> {
                                 source,
                                 &format!("{a}.v_proj.weight"),
                                 [cfg.num_kv_heads * hd, h],
-                                device,
                             ),
                         },
                         o_proj: HfLinear {
@@ -260,7 +281,6 @@ impl<B: Backend> Llama<B> {
                                 source,
                                 &format!("{a}.o_proj.weight"),
                                 [h, cfg.num_heads * hd],
-                                device,
                             ),
                         },
                         num_heads: cfg.num_heads,
@@ -269,13 +289,13 @@ impl<B: Backend> Llama<B> {
                     },
                     mlp: Mlp {
                         gate_proj: HfLinear {
-                            weight: param(source, &format!("{m}.gate_proj.weight"), [i, h], device),
+                            weight: param(source, &format!("{m}.gate_proj.weight"), [i, h]),
                         },
                         up_proj: HfLinear {
-                            weight: param(source, &format!("{m}.up_proj.weight"), [i, h], device),
+                            weight: param(source, &format!("{m}.up_proj.weight"), [i, h]),
                         },
                         down_proj: HfLinear {
-                            weight: param(source, &format!("{m}.down_proj.weight"), [h, i], device),
+                            weight: param(source, &format!("{m}.down_proj.weight"), [h, i]),
                         },
                     },
                     input_layernorm: norm(source, "input_layernorm"),
@@ -284,11 +304,11 @@ impl<B: Backend> Llama<B> {
             })
             .collect();
         let norm = RmsNorm {
-            weight: param(source, "model.norm.weight", [h], device),
+            weight: param(source, "model.norm.weight", [h]),
             eps: cfg.rms_norm_eps,
         };
         let lm_head = (!cfg.tie_word_embeddings).then(|| HfLinear {
-            weight: param(source, "lm_head.weight", [cfg.vocab_size, h], device),
+            weight: param(source, "lm_head.weight", [cfg.vocab_size, h]),
         });
         Llama {
             model: LlamaModel {
@@ -300,12 +320,10 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// All parameters with their checkpoint names, as f32 host data (for saving).
-    pub fn named_tensors(&self) -> Vec<(String, TensorData)> {
-        let d2 = |p: &Param<Tensor<B, 2>>| p.val().into_data().convert::<f32>();
-        let d1 = |p: &Param<Tensor<B, 1>>| p.val().into_data().convert::<f32>();
+    /// Call `f(name, param)` for every parameter, in [`param_specs`] order.
+    pub fn visit_params(&self, f: &mut dyn FnMut(&str, ParamRef<'_, B>)) {
         let m = &self.model;
-        let mut v = vec![("model.embed_tokens.weight".to_string(), d2(&m.embed_tokens))];
+        f("model.embed_tokens.weight", ParamRef::D2(&m.embed_tokens));
         for (l, layer) in m.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             let a = &layer.self_attn;
@@ -315,29 +333,44 @@ impl<B: Backend> Llama<B> {
                 ("v_proj", &a.v_proj),
                 ("o_proj", &a.o_proj),
             ] {
-                v.push((format!("{p}.self_attn.{n}.weight"), d2(&w.weight)));
+                f(
+                    &format!("{p}.self_attn.{n}.weight"),
+                    ParamRef::D2(&w.weight),
+                );
             }
-            let f = &layer.mlp;
+            let m = &layer.mlp;
             for (n, w) in [
-                ("gate_proj", &f.gate_proj),
-                ("up_proj", &f.up_proj),
-                ("down_proj", &f.down_proj),
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
             ] {
-                v.push((format!("{p}.mlp.{n}.weight"), d2(&w.weight)));
+                f(&format!("{p}.mlp.{n}.weight"), ParamRef::D2(&w.weight));
             }
-            v.push((
-                format!("{p}.input_layernorm.weight"),
-                d1(&layer.input_layernorm.weight),
-            ));
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                d1(&layer.post_attention_layernorm.weight),
-            ));
+            f(
+                &format!("{p}.input_layernorm.weight"),
+                ParamRef::D1(&layer.input_layernorm.weight),
+            );
+            f(
+                &format!("{p}.post_attention_layernorm.weight"),
+                ParamRef::D1(&layer.post_attention_layernorm.weight),
+            );
         }
-        v.push(("model.norm.weight".to_string(), d1(&m.norm.weight)));
+        f("model.norm.weight", ParamRef::D1(&m.norm.weight));
         if let Some(head) = &self.lm_head {
-            v.push(("lm_head.weight".to_string(), d2(&head.weight)));
+            f("lm_head.weight", ParamRef::D2(&head.weight));
         }
+    }
+
+    /// All parameters with their checkpoint names, as f32 host data (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, TensorData)> {
+        let mut v = Vec::new();
+        self.visit_params(&mut |name, p| {
+            let data = match p {
+                ParamRef::D1(p) => p.val().into_data(),
+                ParamRef::D2(p) => p.val().into_data(),
+            };
+            v.push((name.to_string(), data.convert::<f32>()));
+        });
         v
     }
 

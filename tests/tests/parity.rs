@@ -8,15 +8,13 @@
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use serde_json::Value;
-use wrpo_engine_core::backend::{
-    select, BackendChoice, CpuBackend, CudaBackend, Selected, WgpuBackend,
-};
+use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
 use wrpo_engine_core::data::{Dataset, EncodeOptions};
 use wrpo_engine_core::logps::rows_logps;
 use wrpo_engine_core::tokenizer::TextTokenizer;
 use wrpo_kernels::logprobs::LogProbBackend;
 use wrpo_models::load_hf;
-use wrpo_tests::{assert_close, fixtures, tol};
+use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
 
 const MODELS: [&str; 3] = ["llama-tied", "llama-linear", "llama-gqa"];
 
@@ -175,17 +173,6 @@ fn logps_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
     }
 }
 
-fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
-    match select(BackendChoice::Wgpu) {
-        Ok(Selected::Wgpu(d, name)) => {
-            println!("wgpu adapter: {name}");
-            d
-        }
-        Ok(other) => panic!("--backend wgpu selected {other}"),
-        Err(e) => panic!("{e:#}"),
-    }
-}
-
 #[test]
 fn cpu_logits_match_transformers() {
     logits_parity::<CpuBackend>(&Default::default(), "cpu");
@@ -204,14 +191,6 @@ fn wgpu_logits_match_transformers() {
 #[test]
 fn wgpu_logps_match_transformers() {
     logps_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
-}
-
-fn cuda_device() -> burn::backend::cuda::CudaDevice {
-    match select(BackendChoice::Cuda) {
-        Ok(Selected::Cuda(d)) => d,
-        Ok(other) => panic!("--backend cuda selected {other}"),
-        Err(e) => panic!("{e:#}"),
-    }
 }
 
 #[test]

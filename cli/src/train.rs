@@ -1,0 +1,197 @@
+//! `wrpo-engine train`: argument parsing and progress output around
+//! [`wrpo_engine_core::train::run_train`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use wrpo_engine_core::dispatch;
+use wrpo_engine_core::train::config::{embedded_preset, resolve, RunPaths, TrainArgs, TrainConfig};
+use wrpo_engine_core::train::{run_train, Event, TrainJob};
+
+use crate::BackendArg;
+
+#[derive(Args)]
+pub struct TrainCmd {
+    /// Hugging Face LLaMA folder to train (config.json, safetensors, tokenizer). Default: the
+    /// built-in tiny LLaMA with the bundled dataset and a preset that trains it in about a minute.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// WRPO rows (JSON Lines or a JSON array): prompt, chosen = [K source responses…, target
+    /// response], rejected = [R responses]. Required with --model.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Eval rows (same format); `eval/` metrics every --eval-steps and at the end.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Output folder: metrics.jsonl, checkpoint-STEP/, final/.
+    #[arg(long, visible_alias = "output-dir", default_value = "wrpo-output")]
+    output: PathBuf,
+    /// YAML file of training settings (the keys of the flags below, snake_case); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Reference model folder (default: the frozen initial policy).
+    #[arg(long)]
+    ref_model: Option<PathBuf>,
+    /// Reference log-probs from `wrpo-engine logps` on the same data and model (no reference
+    /// forward during training).
+    #[arg(long)]
+    ref_logps: Option<PathBuf>,
+    /// Continue from a checkpoint folder, or from the newest in --output when given no value.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "DIR|latest")]
+    resume: Option<PathBuf>,
+    /// Cache of precomputed reference log-probs (default: ~/.cache/wrpo-engine).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArg,
+    #[command(flatten)]
+    settings: TrainArgs,
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("wrpo-engine")
+}
+
+pub fn train(a: TrainCmd) -> Result<()> {
+    if a.model.is_some() && a.data.is_none() {
+        anyhow::bail!(
+            "--data is required with --model (the bundled dataset goes with the built-in model)"
+        );
+    }
+    let mut defaults = TrainConfig::default();
+    if a.model.is_none() {
+        embedded_preset().apply(&mut defaults);
+    }
+    let cfg = resolve(defaults, a.config.as_deref(), &a.settings)?;
+    eprintln!("training configuration:\n{}", indent(&cfg.to_yaml()));
+    let job = TrainJob {
+        cfg,
+        paths: RunPaths {
+            model: a.model,
+            data: a.data,
+            eval_data: a.eval_data,
+            output: a.output,
+            ref_model: a.ref_model,
+            ref_logps: a.ref_logps,
+            resume: a.resume,
+            cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
+        },
+    };
+    let selected = crate::device(a.backend.backend)?;
+    let mut view = Progress::new();
+    let summary =
+        dispatch!(selected, B, device => run_train::<B>(&job, &device, &mut |e| view.event(e)))?;
+    view.finish();
+    if let Some(last) = summary
+        .history
+        .iter()
+        .rev()
+        .find(|r| r.get("loss").is_some())
+    {
+        let g = |k: &str| last.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        eprintln!(
+            "done: {} updates · last loss {:.4} · reward accuracy {:.2} · margin {:.4}",
+            summary.steps,
+            g("loss"),
+            g("rewards/accuracies"),
+            g("rewards/margins")
+        );
+    }
+    eprintln!(
+        "final model: {} · metrics: {}",
+        summary.final_dir.display(),
+        job.paths.output.join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// A progress bar with loss and ETA on a terminal; plain log lines otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    tty: bool,
+}
+
+fn num(r: &serde_json::Map<String, serde_json::Value>, k: &str) -> f64 {
+    r.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Note(s) => self.say(s),
+            Event::Started { plan, start, .. } => {
+                if self.tty {
+                    let b = ProgressBar::new(plan.total as u64);
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "train [{bar:30}] {pos}/{len} updates · {msg} · ETA {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    b.set_position(start as u64);
+                    self.bar = Some(b);
+                }
+            }
+            Event::Step { step, loss, record } => {
+                if let Some(b) = &self.bar {
+                    b.set_position(step as u64);
+                    let acc = record.map_or(String::new(), |r| {
+                        format!(" · acc {:.2}", num(r, "rewards/accuracies"))
+                    });
+                    b.set_message(format!("loss {loss:.4}{acc}"));
+                }
+                if let (Some(r), None) = (record, &self.bar) {
+                    eprintln!(
+                        "step {step}: loss {:.4} · margins {:.4} · acc {:.2} · grad_norm {:.3} · lr {:.3e} · α {:.3} · {:.0} tok/s",
+                        num(r, "loss"),
+                        num(r, "rewards/margins"),
+                        num(r, "rewards/accuracies"),
+                        num(r, "grad_norm"),
+                        num(r, "learning_rate"),
+                        num(r, "cur_alpha"),
+                        num(r, "tokens_per_second")
+                    );
+                }
+            }
+            Event::Eval(r) => self.say(format!(
+                "eval at step {}: loss {:.4} · margins {:.4} · acc {:.2}",
+                r.get("step").and_then(|v| v.as_u64()).unwrap_or(0),
+                num(r, "eval/loss"),
+                num(r, "eval/rewards/margins"),
+                num(r, "eval/rewards/accuracies")
+            )),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! The trainer's run configuration: one YAML file whose keys are the WRPO authors' (HF
+//! `TrainingArguments` + their WRPO config), every key also a kebab-case CLI flag that overrides
+//! the file. Defaults are the authors' WRPO configuration (../shared/reference/WRPO.md,
+//! "Hyperparameters"). Unknown keys are an error.
+//!
+//! One macro writes the three views of the key list, so they cannot drift: [`TrainConfig`] (the
+//! resolved values, printed at start and saved in every checkpoint), [`TrainArgs`] (every key
+//! optional: a YAML file or the command line) and the defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Which objective `train` optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossType {
+    /// WRPO: sigmoid loss on the α-blend of source and target rewards vs the rejected one.
+    Wrpo,
+    /// DPO on (target chosen, rejected): WRPO with α = 0.
+    Dpo,
+    /// SimPO on (target chosen, rejected): length-normalised, reference-free, margin γ.
+    Simpo,
+    /// IPO on (target chosen, rejected): squared loss on per-token log-ratios.
+    Ipo,
+    /// SimPO with WRPO's α-blend on the preferred side.
+    WrpoSimpo,
+    /// IPO with WRPO's α-blend on the preferred side.
+    WrpoIpo,
+}
+
+impl LossType {
+    /// Whether the objective blends source responses with α (else α = 0 and sources are unused).
+    pub fn blends(self) -> bool {
+        matches!(self, Self::Wrpo | Self::WrpoSimpo | Self::WrpoIpo)
+    }
+    /// Whether the objective reads reference log-probs.
+    pub fn needs_reference(self) -> bool {
+        !matches!(self, Self::Simpo | Self::WrpoSimpo)
+    }
+}
+
+/// Learning-rate schedule (HF `lr_scheduler_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Constant, no warm-up.
+    Constant,
+    /// Linear warm-up, then constant.
+    ConstantWithWarmup,
+    /// Linear warm-up, then linear decay to 0.
+    Linear,
+    /// Linear warm-up, then half a cosine to 0.
+    Cosine,
+}
+
+macro_rules! train_config {
+    ($( $(#[doc = $doc:literal])* $(#[arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ;)*) => {
+        /// The resolved training configuration (defaults ← YAML file ← command line).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct TrainConfig {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for TrainConfig {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// Every configuration key, optional: the YAML file's content or the command line's
+        /// flags (kebab-case, e.g. `--learning-rate`).
+        #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct TrainArgs {
+            $( $(#[doc = $doc])* #[arg(long $(, $($arg)*)?)] pub $name: Option<$ty>, )*
+        }
+
+        impl TrainArgs {
+            /// Keys set here replace those of `base`.
+            pub fn apply(&self, base: &mut TrainConfig) {
+                $( if let Some(v) = &self.$name { base.$name = v.clone(); } )*
+            }
+            /// `self`'s keys where set, else `lower`'s.
+            pub fn or(self, lower: TrainArgs) -> TrainArgs {
+                TrainArgs { $( $name: self.$name.or(lower.$name), )* }
+            }
+        }
+    };
+}
+
+train_config! {
+    /// Peak learning rate (authors' WRPO: 3e-7).
+    learning_rate: f64 = 3e-7;
+    /// β, the reward scale (authors: 0.01).
+    beta: f64 = 0.01;
+    /// α: the final weight of the source responses (authors: 0.1). Ignored by dpo/simpo/ipo.
+    alpha: f64 = 0.1;
+    /// true: α grows linearly from 0 to `alpha` over the run (α(s) = alpha·s/T); false: α = alpha.
+    #[arg(value_name = "BOOL")]
+    is_dynamic: bool = true;
+    /// The objective.
+    #[arg(value_enum, visible_alias = "loss")]
+    loss_type: LossType = LossType::Wrpo;
+    /// SimPO's target reward margin γ (simpo, wrpo-simpo).
+    simpo_gamma: f64 = 0.5;
+    /// Label smoothing ε (wrpo, dpo, simpo; the authors never set it).
+    label_smoothing: f64 = 0.0;
+    /// Rows per micro-batch (all their sequences go through one forward).
+    per_device_train_batch_size: usize = 2;
+    /// Micro-batches per optimizer update.
+    gradient_accumulation_steps: usize = 8;
+    /// Passes over the data (used when max_steps ≤ 0).
+    num_train_epochs: usize = 1;
+    /// Total optimizer updates; -1 = from num_train_epochs.
+    #[arg(allow_hyphen_values = true)]
+    max_steps: i64 = -1;
+    /// Longest prompt + completion, in tokens (longer rows are truncated, TRL-style).
+    max_length: usize = 2048;
+    /// Prompt tokens kept when a row is too long.
+    max_prompt_length: usize = 1800;
+    /// Learning-rate schedule.
+    #[arg(value_enum)]
+    lr_scheduler_type: LrSchedule = LrSchedule::Cosine;
+    /// Warm-up as a fraction of the total updates (ceil), used when warmup_steps is 0.
+    warmup_ratio: f64 = 0.1;
+    /// Warm-up updates (overrides warmup_ratio when > 0).
+    warmup_steps: usize = 0;
+    /// Clip the global gradient norm to this (0 = no clipping).
+    max_grad_norm: f64 = 1.0;
+    /// AdamW decoupled weight decay (PyTorch/HF default 0).
+    weight_decay: f64 = 0.0;
+    /// AdamW β1.
+    adam_beta1: f64 = 0.9;
+    /// AdamW β2.
+    adam_beta2: f64 = 0.999;
+    /// AdamW ε.
+    adam_epsilon: f64 = 1e-8;
+    /// Seed of the data order (and of the embedded model).
+    seed: u64 = 42;
+    /// Shuffle the rows each epoch (seeded); false keeps file order.
+    #[arg(value_name = "BOOL")]
+    shuffle: bool = true;
+    /// Write a metrics record every this many updates.
+    logging_steps: usize = 1;
+    /// Write a checkpoint every this many updates (0 = only the final model).
+    save_steps: usize = 500;
+    /// Keep only the newest this many checkpoints (0 = keep all).
+    save_total_limit: usize = 0;
+    /// Evaluate every this many updates when an eval split is given (0 = only at the end).
+    eval_steps: usize = 0;
+    /// Hold out this fraction of the rows (seeded) as the eval split when no --eval-data is given.
+    eval_fraction: f64 = 0.0;
+    /// Compute all reference log-probs once before training and cache them on disk.
+    #[arg(value_name = "BOOL")]
+    precompute_ref: bool = false;
+    /// Skip (and count) bad rows instead of failing.
+    #[arg(value_name = "BOOL")]
+    skip_bad_rows: bool = false;
+}
+
+impl TrainConfig {
+    /// Check value ranges; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("learning_rate", self.learning_rate),
+            ("beta", self.beta),
+            ("adam_epsilon", self.adam_epsilon),
+        ];
+        for (k, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{k} must be a positive number, got {v}");
+            }
+        }
+        let unit = [
+            ("alpha", self.alpha),
+            ("label_smoothing", self.label_smoothing),
+            ("warmup_ratio", self.warmup_ratio),
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+            ("eval_fraction", self.eval_fraction),
+        ];
+        for (k, v) in unit {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{k} must be in [0, 1], got {v}");
+            }
+        }
+        if self.label_smoothing >= 0.5 {
+            bail!(
+                "label_smoothing must be below 0.5, got {}",
+                self.label_smoothing
+            );
+        }
+        for (k, v) in [
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{k} must be ≥ 0, got {v}");
+            }
+        }
+        for (k, v) in [
+            (
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+            ("max_length", self.max_length),
+            ("logging_steps", self.logging_steps),
+        ] {
+            if v == 0 {
+                bail!("{k} must be at least 1");
+            }
+        }
+        if self.max_steps <= 0 && self.num_train_epochs == 0 {
+            bail!("set num_train_epochs ≥ 1 or max_steps ≥ 1");
+        }
+        if self.max_prompt_length >= self.max_length {
+            bail!(
+                "max_prompt_length ({}) must be below max_length ({})",
+                self.max_prompt_length,
+                self.max_length
+            );
+        }
+        Ok(())
+    }
+
+    /// The α weight in the loss at `completed` finished updates out of `total`.
+    pub fn alpha_at(&self, completed: usize, total: usize) -> f64 {
+        if !self.loss_type.blends() {
+            0.0
+        } else if self.is_dynamic {
+            self.alpha * completed as f64 / total.max(1) as f64
+        } else {
+            self.alpha
+        }
+    }
+
+    /// The configuration as YAML (printed at start, saved with checkpoints).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config serialises")
+    }
+}
+
+/// Read a YAML configuration file (every key optional, unknown keys rejected).
+pub fn read_yaml(path: &Path) -> Result<TrainArgs> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_yaml(&text).with_context(|| format!("{}: bad training configuration", path.display()))
+}
+
+/// Parse YAML configuration text. An empty document is an empty configuration.
+pub fn parse_yaml(text: &str) -> Result<TrainArgs> {
+    if text.trim().is_empty() {
+        return Ok(TrainArgs::default());
+    }
+    Ok(serde_yaml::from_str(text)?)
+}
+
+/// Resolve: `defaults`, then the file, then the command line.
+pub fn resolve(defaults: TrainConfig, file: Option<&Path>, cli: &TrainArgs) -> Result<TrainConfig> {
+    let mut cfg = defaults;
+    if let Some(f) = file {
+        read_yaml(f)?.apply(&mut cfg);
+    }
+    cli.apply(&mut cfg);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The settings of the embedded default (`train` without `--model`): the built-in tiny model
+/// learns its bundled arithmetic set within about a minute on a CPU. Applied over the authors'
+/// defaults and under any file or flag.
+pub fn embedded_preset() -> TrainArgs {
+    TrainArgs {
+        learning_rate: Some(1e-3),
+        beta: Some(0.1),
+        alpha: Some(0.5),
+        per_device_train_batch_size: Some(4),
+        gradient_accumulation_steps: Some(1),
+        num_train_epochs: Some(4),
+        max_length: Some(256),
+        max_prompt_length: Some(128),
+        eval_fraction: Some(0.125),
+        eval_steps: Some(14),
+        save_steps: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Paths of a training run (command-line only).
+#[derive(Debug, Clone, Default)]
+pub struct RunPaths {
+    /// Model folder; `None` = the embedded tiny model.
+    pub model: Option<PathBuf>,
+    /// Training rows; `None` = the bundled dataset.
+    pub data: Option<PathBuf>,
+    /// Eval rows.
+    pub eval_data: Option<PathBuf>,
+    /// Output folder.
+    pub output: PathBuf,
+    /// Reference model folder (default: the initial policy).
+    pub ref_model: Option<PathBuf>,
+    /// Reference log-probs (the `logps` command's output), one record per training row.
+    pub ref_logps: Option<PathBuf>,
+    /// Resume from a checkpoint folder, or `latest` (the newest in `output`).
+    pub resume: Option<PathBuf>,
+    /// Where precomputed reference log-probs are cached.
+    pub cache_dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_authors_wrpo_config() {
+        let c = TrainConfig::default();
+        assert_eq!((c.learning_rate, c.beta, c.alpha), (3e-7, 0.01, 0.1));
+        assert!(c.is_dynamic);
+        assert_eq!(c.lr_scheduler_type, LrSchedule::Cosine);
+        assert_eq!(
+            (c.warmup_ratio, c.max_grad_norm, c.weight_decay),
+            (0.1, 1.0, 0.0)
+        );
+        assert_eq!(
+            (c.adam_beta1, c.adam_beta2, c.adam_epsilon),
+            (0.9, 0.999, 1e-8)
+        );
+        assert_eq!((c.max_length, c.max_prompt_length), (2048, 1800));
+    }
+
+    #[test]
+    fn yaml_then_cli_override_and_unknown_keys_fail() {
+        let file = parse_yaml("learning_rate: 1.0e-6\nbeta: 0.05\nlr_scheduler_type: linear\nloss_type: wrpo-simpo\nshuffle: false\n").unwrap();
+        let mut c = TrainConfig::default();
+        file.apply(&mut c);
+        let cli = TrainArgs {
+            beta: Some(0.2),
+            ..Default::default()
+        };
+        cli.apply(&mut c);
+        assert_eq!(c.learning_rate, 1e-6);
+        assert_eq!(c.beta, 0.2);
+        assert_eq!(c.lr_scheduler_type, LrSchedule::Linear);
+        assert_eq!(c.loss_type, LossType::WrpoSimpo);
+        assert!(!c.shuffle);
+        let err = parse_yaml("learning_rat: 1e-6\n").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `learning_rat`"),
+            "{err:#}"
+        );
+        // The printed config parses back to itself.
+        let back: TrainConfig = serde_yaml::from_str(&c.to_yaml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn alpha_schedule() {
+        let mut c = TrainConfig {
+            alpha: 0.1,
+            ..Default::default()
+        };
+        assert_eq!(c.alpha_at(0, 10), 0.0);
+        assert!((c.alpha_at(5, 10) - 0.05).abs() < 1e-15);
+        // The last update (9 completed of 10) uses α_end·(T−1)/T.
+        assert!((c.alpha_at(9, 10) - 0.09).abs() < 1e-15);
+        c.is_dynamic = false;
+        assert_eq!(c.alpha_at(0, 10), 0.1);
+        c.loss_type = LossType::Dpo;
+        assert_eq!(c.alpha_at(3, 10), 0.0);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = TrainConfig {
+            alpha: 1.5,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("alpha"));
+        let c = TrainConfig {
+            max_prompt_length: 4096,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_prompt_length"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Reference log-probs computed once: `--precompute-ref` scores every row with the reference
+//! model before training, stores the table under `CACHE/ref-logps/<key>.json` and frees the model;
+//! a later run with the same reference weights and the same token ids finds the table and never
+//! loads the reference. `--ref-logps FILE` takes the `logps` command's output instead.
+//!
+//! The key is a SHA-256 of the reference model's identity (folder path, `config.json`, and the
+//! size and modification time of each weight file — hashing gigabytes of weights would cost more
+//! than it saves) and of every row's token ids, so any change of data, tokenizer, template or
+//! truncation gives a new key.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use wrpo_kernels::logprobs::LogProbBackend;
+use wrpo_models::{Llama, LlamaConfig};
+
+use crate::data::Encoded;
+use crate::logps::{rows_logps, RowLogps};
+use crate::model::ModelSource;
+
+/// Cache key of `rows` scored by `source`.
+pub fn key(source: &ModelSource, rows: &[Encoded]) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(b"wrpo-engine ref-logps v1\n");
+    match source {
+        ModelSource::Embedded => {
+            h.update(format!("embedded seed {}\n", crate::embedded::SEED));
+        }
+        ModelSource::Dir(d) => {
+            let canon = d.canonicalize().unwrap_or_else(|_| d.clone());
+            h.update(canon.to_string_lossy().as_bytes());
+            let mut cfg = String::new();
+            std::fs::File::open(d.join("config.json"))
+                .and_then(|mut f| f.read_to_string(&mut cfg))
+                .with_context(|| format!("reading {}/config.json", d.display()))?;
+            h.update(cfg.as_bytes());
+            let mut files: Vec<_> = std::fs::read_dir(d)?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .collect();
+            files.sort_by_key(|e| e.file_name());
+            for f in files {
+                let m = f.metadata()?;
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                h.update(format!("{:?} {} {mtime}\n", f.file_name(), m.len()));
+            }
+        }
+    }
+    for r in rows {
+        let mut put = |ids: &[u32]| {
+            h.update((ids.len() as u64).to_le_bytes());
+            ids.iter().for_each(|x| h.update(x.to_le_bytes()));
+        };
+        put(&r.prompt);
+        r.chosen.iter().for_each(|c| put(c));
+        r.rejected.iter().for_each(|c| put(c));
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Score `rows` with `model` in groups of `batch` rows.
+pub fn compute<B: LogProbBackend>(
+    model: &Llama<B>,
+    cfg: &LlamaConfig,
+    rows: &[Encoded],
+    pad: u32,
+    device: &B::Device,
+    batch: usize,
+) -> Vec<RowLogps> {
+    rows.chunks(batch.max(1))
+        .flat_map(|c| rows_logps(model, cfg, c, pad, device))
+        .collect()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    chosen: Vec<Vec<f64>>,
+    rejected: Vec<Vec<f64>>,
+}
+
+/// Store a table (atomically).
+pub fn store(path: &Path, table: &[RowLogps]) -> Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    let s = Stored {
+        chosen: table.iter().map(|r| r.chosen.clone()).collect(),
+        rejected: table.iter().map(|r| r.rejected.clone()).collect(),
+    };
+    crate::util::write_atomic(path, serde_json::to_string(&s)?.as_bytes())?;
+    Ok(())
+}
+
+/// A stored table for `rows`, if there is one (a malformed file is ignored and recomputed).
+pub fn load(path: &Path, rows: &[Encoded]) -> Result<Option<Vec<RowLogps>>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    let Ok(s) = serde_json::from_str::<Stored>(&text) else {
+        return Ok(None);
+    };
+    if s.chosen.len() != rows.len() || s.rejected.len() != rows.len() {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.iter()
+            .zip(s.chosen.into_iter().zip(s.rejected))
+            .map(|(r, (chosen, rejected))| RowLogps {
+                chosen,
+                rejected,
+                chosen_tokens: r.chosen.iter().map(Vec::len).collect(),
+                rejected_tokens: r.rejected.iter().map(Vec::len).collect(),
+            })
+            .collect(),
+    ))
+}
+
+/// Read the `logps` command's output for `rows`: record `k` belongs to the `k`-th row of the data
+/// file, whose lines are `all_lines` (kept and skipped rows, ascending). Token counts must match
+/// this run's tokenisation.
+pub fn read_logps_file(
+    path: &Path,
+    rows: &[Encoded],
+    all_lines: &[usize],
+) -> Result<Vec<RowLogps>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let records: Vec<(usize, serde_json::Value)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map(|v| (i + 1, v))
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
+        })
+        .collect::<Result<_>>()?;
+    if records.len() != all_lines.len() {
+        bail!(
+            "{}: {} records, but the data has {} rows (the file must be `wrpo-engine logps` output for this data)",
+            path.display(),
+            records.len(),
+            all_lines.len()
+        );
+    }
+    rows.iter()
+        .map(|row| {
+            let k = all_lines.binary_search(&row.line).expect("row line listed");
+            let (line, v) = &records[k];
+            let get = |f: &str| -> Result<Vec<f64>> {
+                v.get(f)
+                    .and_then(|x| x.as_array())
+                    .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+                    .with_context(|| format!("{}:{line}: field `{f}`: missing or not a list of numbers", path.display()))
+            };
+            let (chosen, rejected) = (get("chosen")?, get("rejected")?);
+            let (ct, rt) = (get("chosen_tokens")?, get("rejected_tokens")?);
+            let want_c: Vec<f64> = row.chosen.iter().map(|c| c.len() as f64).collect();
+            let want_r: Vec<f64> = row.rejected.iter().map(|c| c.len() as f64).collect();
+            if ct != want_c || rt != want_r {
+                bail!(
+                    "{}:{line}: token counts {ct:?}/{rt:?} differ from this run's tokenisation {want_c:?}/{want_r:?} (other tokenizer or max_length?)",
+                    path.display()
+                );
+            }
+            Ok(RowLogps {
+                chosen,
+                rejected,
+                chosen_tokens: row.chosen.iter().map(Vec::len).collect(),
+                rejected_tokens: row.rejected.iter().map(Vec::len).collect(),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,261 @@
+//! One micro-batch of WRPO: policy forward (autodiff) over every sequence of its rows in one
+//! batch, reference log-probs, the preference loss, backward, and the per-row numbers the metrics
+//! need. The loss is a pure function of per-sequence log-probs ([`wrpo_kernels::loss`]); this
+//! module never touches logits beyond the log-prob op.
+
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use wrpo_kernels::logprobs::LogProbBackend;
+use wrpo_kernels::loss::{preference_loss, LossConfig, PreferenceInputs};
+use wrpo_models::{Llama, LlamaConfig, ParamRef};
+
+use super::metrics::RowStats;
+use super::optim::Flat;
+use crate::data::Encoded;
+use crate::logps::{batch_logps, make_batch, RowLogps};
+
+/// Where reference log-probs come from.
+pub enum Reference<B: Backend> {
+    /// A frozen model (with its configuration), run without autodiff on each micro-batch.
+    Model(Box<Llama<B>>, Box<LlamaConfig>),
+    /// Precomputed per row (by position in the training split).
+    Table(Vec<RowLogps>),
+    /// The objective reads none (SimPO).
+    None,
+}
+
+/// Sequences of `rows` in the batch layout `[chosen row-major [B, K+1]; rejected [B, R]]`.
+fn sequences<'a>(rows: &[&'a Encoded]) -> Vec<(&'a [u32], &'a [u32])> {
+    let chosen = rows
+        .iter()
+        .flat_map(|r| r.chosen.iter().map(|c| (r.prompt.as_slice(), c.as_slice())));
+    let rejected = rows.iter().flat_map(|r| {
+        r.rejected
+            .iter()
+            .map(|c| (r.prompt.as_slice(), c.as_slice()))
+    });
+    chosen.chain(rejected).collect()
+}
+
+fn to_2d<B: Backend>(v: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+fn host(x: Tensor<impl Backend, 2>) -> Vec<f32> {
+    x.into_data().convert::<f32>().to_vec().expect("f32")
+}
+
+/// Policy and reference log-probs of a group of rows, `([B, K+1], [B, R])` each.
+struct Logps<B: Backend> {
+    chosen: Tensor<B, 2>,
+    rejected: Tensor<B, 2>,
+}
+
+fn split<B: Backend>(sums: Tensor<B, 1>, b: usize, k1: usize, r: usize) -> Logps<B> {
+    Logps {
+        chosen: sums.clone().narrow(0, 0, b * k1).reshape([b, k1]),
+        rejected: sums.narrow(0, b * k1, b * r).reshape([b, r]),
+    }
+}
+
+fn reference_logps<B: LogProbBackend>(
+    reference: &Reference<B>,
+    rows: &[&Encoded],
+    idx: &[usize],
+    pad: u32,
+    device: &B::Device,
+) -> Logps<B> {
+    let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
+    match reference {
+        Reference::Model(m, ref_cfg) => {
+            let batch = make_batch::<B>(&sequences(rows), pad, device);
+            split(batch_logps(m, ref_cfg, batch).0, b, k1, r)
+        }
+        Reference::Table(t) => {
+            let c = idx
+                .iter()
+                .flat_map(|&i| t[i].chosen.iter().map(|&x| x as f32));
+            let rj = idx
+                .iter()
+                .flat_map(|&i| t[i].rejected.iter().map(|&x| x as f32));
+            Logps {
+                chosen: to_2d(c.collect(), [b, k1], device),
+                rejected: to_2d(rj.collect(), [b, r], device),
+            }
+        }
+        Reference::None => Logps {
+            chosen: Tensor::zeros([b, k1], device),
+            rejected: Tensor::zeros([b, r], device),
+        },
+    }
+}
+
+fn token_counts<B: Backend>(rows: &[&Encoded], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
+    let c = rows
+        .iter()
+        .flat_map(|x| x.chosen.iter().map(|c| c.len() as f32));
+    let rj = rows
+        .iter()
+        .flat_map(|x| x.rejected.iter().map(|c| c.len() as f32));
+    (
+        to_2d(c.collect(), [b, k1], device),
+        to_2d(rj.collect(), [b, r], device),
+    )
+}
+
+/// Per-row statistics from the loss output and the policy log-probs.
+#[allow(clippy::too_many_arguments)]
+fn row_stats<B: Backend>(
+    alpha: f64,
+    b: usize,
+    k1: usize,
+    r: usize,
+    policy: &Logps<B>,
+    out: &wrpo_kernels::loss::LossOutput<B>,
+) -> Vec<RowStats> {
+    let pc = host(policy.chosen.clone());
+    let pr = host(policy.rejected.clone());
+    let flat = |t: &Tensor<B, 1>| -> Vec<f32> {
+        t.clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32")
+    };
+    let (cw, cs, ct) = (
+        flat(&out.chosen_rewards),
+        flat(&out.source_rewards),
+        flat(&out.target_rewards),
+    );
+    let rr = host(out.rejected_rewards.clone());
+    (0..b)
+        .map(|i| RowStats {
+            alpha,
+            policy_chosen: pc[i * k1..(i + 1) * k1].iter().map(|&x| x as f64).collect(),
+            policy_rejected: pr[i * r..(i + 1) * r].iter().map(|&x| x as f64).collect(),
+            reward_chosen: cw[i] as f64,
+            reward_source: cs[i] as f64,
+            reward_target: ct[i] as f64,
+            reward_rejected: rr[i * r..(i + 1) * r].iter().map(|&x| x as f64).collect(),
+        })
+        .collect()
+}
+
+/// What one micro-batch produced.
+pub struct MicroOut<B: Backend> {
+    /// `d(loss · scale)/dθ`, flat, in the parameters' order.
+    pub grads: Vec<Tensor<B, 1>>,
+    /// Mean loss of the micro-batch.
+    pub loss: f64,
+    /// Per-row statistics.
+    pub rows: Vec<RowStats>,
+    /// Real (non-padding) tokens through the policy forward.
+    pub tokens: usize,
+}
+
+/// Forward + backward of one micro-batch with the policy `params`. `idx` are the rows' positions
+/// in the split (for a reference table); `scale` multiplies the loss before backward (rows in this
+/// micro-batch / rows in the global batch, so that gradients add up to the global-batch mean).
+#[allow(clippy::too_many_arguments)]
+pub fn micro_step<B: LogProbBackend>(
+    cfg: &LlamaConfig,
+    params: &Flat<B>,
+    reference: &Reference<B>,
+    loss_cfg: &LossConfig,
+    rows: &[&Encoded],
+    idx: &[usize],
+    pad: u32,
+    scale: f64,
+    device: &B::Device,
+) -> MicroOut<B> {
+    type A<B> = Autodiff<B>;
+    let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
+    let index = params.index();
+    // Leaves: `Param::from_tensor` marks each rebuilt parameter as requiring a gradient.
+    let policy_model: Llama<A<B>> = Llama::build_from(cfg, &mut |name, _| {
+        Tensor::from_inner(params.values[index(name)].clone())
+    });
+    let seqs = sequences(rows);
+    let tokens = seqs.iter().map(|(p, c)| p.len() + c.len()).sum();
+    let batch = make_batch::<A<B>>(&seqs, pad, device);
+    let policy = split(batch_logps(&policy_model, cfg, batch).0, b, k1, r);
+    let refs = reference_logps(reference, rows, idx, pad, device);
+    let (ct, rt) = token_counts::<B>(rows, device);
+    let out = preference_loss(
+        loss_cfg,
+        PreferenceInputs {
+            policy_chosen: policy.chosen.clone(),
+            policy_rejected: policy.rejected.clone(),
+            reference_chosen: Tensor::from_inner(refs.chosen),
+            reference_rejected: Tensor::from_inner(refs.rejected),
+            chosen_tokens: Tensor::from_inner(ct),
+            rejected_tokens: Tensor::from_inner(rt),
+        },
+    );
+    let grads_all = (out.loss.clone() * scale).backward();
+    let mut grads = vec![None; params.values.len()];
+    policy_model.visit_params(&mut |name, p| {
+        let g = match p {
+            ParamRef::D1(p) => p.val().grad(&grads_all),
+            ParamRef::D2(p) => p.val().grad(&grads_all).map(|g| g.flatten(0, 1)),
+        };
+        grads[index(name)] = g;
+    });
+    let grads = grads
+        .into_iter()
+        .zip(&params.values)
+        .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
+        .collect();
+    let loss: f32 = burn::tensor::ElementConversion::elem(out.loss.clone().into_scalar());
+    let inner = |l: &Logps<A<B>>| Logps {
+        chosen: l.chosen.clone().inner(),
+        rejected: l.rejected.clone().inner(),
+    };
+    let out_inner = wrpo_kernels::loss::LossOutput {
+        loss: out.loss.inner(),
+        chosen_rewards: out.chosen_rewards.inner(),
+        source_rewards: out.source_rewards.inner(),
+        target_rewards: out.target_rewards.inner(),
+        rejected_rewards: out.rejected_rewards.inner(),
+    };
+    MicroOut {
+        grads,
+        loss: loss as f64,
+        rows: row_stats(loss_cfg.alpha, b, k1, r, &inner(&policy), &out_inner),
+        tokens,
+    }
+}
+
+/// Loss and statistics of a group of rows without gradients (evaluation).
+#[allow(clippy::too_many_arguments)]
+pub fn eval_step<B: LogProbBackend>(
+    cfg: &LlamaConfig,
+    policy_model: &Llama<B>,
+    reference: &Reference<B>,
+    loss_cfg: &LossConfig,
+    rows: &[&Encoded],
+    idx: &[usize],
+    pad: u32,
+    device: &B::Device,
+) -> (f64, Vec<RowStats>) {
+    let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
+    let batch = make_batch::<B>(&sequences(rows), pad, device);
+    let policy = split(batch_logps(policy_model, cfg, batch).0, b, k1, r);
+    let refs = reference_logps(reference, rows, idx, pad, device);
+    let (ct, rt) = token_counts::<B>(rows, device);
+    let out = preference_loss(
+        loss_cfg,
+        PreferenceInputs {
+            policy_chosen: policy.chosen.clone(),
+            policy_rejected: policy.rejected.clone(),
+            reference_chosen: refs.chosen,
+            reference_rejected: refs.rejected,
+            chosen_tokens: ct,
+            rejected_tokens: rt,
+        },
+    );
+    let loss: f32 = burn::tensor::ElementConversion::elem(out.loss.clone().into_scalar());
+    let stats = row_stats(loss_cfg.alpha, b, k1, r, &policy, &out);
+    (loss as f64, stats)
+}

@@ -1,0 +1,197 @@
+//! The trainer vs the PyTorch reference trainer (`tests/reference/make_train_fixture.py`): the
+//! per-update trajectory (loss, grad_norm, learning rate, α, every reward and log-prob metric) and
+//! the final weights, on cpu and wgpu; and exact resume on cpu.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
+use wrpo_engine_core::train::config::{resolve, RunPaths, TrainArgs, TrainConfig};
+use wrpo_engine_core::train::{run_train, state::read_safetensors, TrainJob};
+use wrpo_kernels::logprobs::LogProbBackend;
+use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
+
+const CASES: [(&str, &str); 2] = [
+    ("wrpo_k1r1", "train_rows.jsonl"),
+    ("wrpo_k2r2_ls", "train_rows_k2r2.jsonl"),
+];
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wrpo-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
+    let dir = fixtures().join("train").join(case);
+    let cfg = resolve(
+        TrainConfig {
+            save_steps: 0,
+            ..Default::default()
+        },
+        Some(&dir.join("config.yaml")),
+        &overrides,
+    )
+    .unwrap();
+    TrainJob {
+        cfg,
+        paths: RunPaths {
+            model: Some(fixtures().join("llama-tied")),
+            data: Some(fixtures().join("train").join(rows)),
+            output: output.to_path_buf(),
+            cache_dir: output.join("cache"),
+            ..Default::default()
+        },
+    }
+}
+
+fn trajectory_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
+    for (case, rows) in CASES {
+        let out = tmp(&format!("{label}-{case}"));
+        let summary = run_train::<B>(
+            &job(case, rows, &out, TrainArgs::default()),
+            device,
+            &mut |_| {},
+        )
+        .unwrap();
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("train").join(case).join("expected.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let want_steps = expected["steps"].as_array().unwrap();
+        let got_steps: Vec<&Value> = summary
+            .history
+            .iter()
+            .filter(|r| r.get("loss").is_some())
+            .collect();
+        assert_eq!(
+            got_steps.len(),
+            want_steps.len(),
+            "{case}: number of logged updates"
+        );
+        let keys: Vec<&String> = want_steps[0].as_object().unwrap().keys().collect();
+        for key in keys {
+            let num = |r: &Value| {
+                r[key.as_str()]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{case}: {key} missing"))
+            };
+            let got: Vec<f64> = got_steps.iter().map(|r| num(r)).collect();
+            let want: Vec<f64> = want_steps.iter().map(num).collect();
+            let rep = assert_close(
+                &format!("{label} {case} {key}"),
+                &got,
+                &want,
+                tol::TRAJECTORY_F32,
+            );
+            println!(
+                "{label} {case} {key:28} max abs {:.2e} max rel {:.2e}",
+                rep.max_abs, rep.max_rel
+            );
+        }
+        let got = read_safetensors(&summary.final_dir.join("model.safetensors")).unwrap();
+        let want = read_safetensors(
+            &fixtures()
+                .join("train")
+                .join(case)
+                .join("final_model.safetensors"),
+        )
+        .unwrap();
+        assert_eq!(got.len(), want.len(), "{case}: tensor count");
+        let (mut g, mut w) = (vec![], vec![]);
+        let mut names: Vec<&String> = want.keys().collect();
+        names.sort();
+        for n in names {
+            assert_eq!(got[n].0, want[n].0, "{case}: shape of {n}");
+            g.extend(got[n].1.iter().map(|&x| x as f64));
+            w.extend(want[n].1.iter().map(|&x| x as f64));
+        }
+        let rep = assert_close(
+            &format!("{label} {case} final weights"),
+            &g,
+            &w,
+            tol::TRAINED_WEIGHTS_F32,
+        );
+        println!(
+            "{label} {case} final weights max abs {:.2e} max rel {:.2e}",
+            rep.max_abs, rep.max_rel
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn cpu_training_trajectory_matches_pytorch() {
+    trajectory_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+#[test]
+fn wgpu_training_trajectory_matches_pytorch() {
+    trajectory_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
+}
+
+#[test]
+#[ignore = "needs CUDA (run with --ignored on a GPU machine)"]
+fn cuda_training_trajectory_matches_pytorch() {
+    trajectory_parity::<CudaBackend>(&cuda_device(), "cuda");
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A run stopped after a checkpoint and resumed reaches bit-for-bit the weights, optimizer state
+/// and metrics of the uninterrupted run (cpu backend).
+#[test]
+fn cpu_resume_is_exact() {
+    let (case, rows) = CASES[0];
+    let every2 = TrainArgs {
+        save_steps: Some(2),
+        shuffle: Some(true), // exercises the per-epoch seeded order across the resume point
+        ..Default::default()
+    };
+    let full = tmp("resume-full");
+    run_train::<CpuBackend>(
+        &job(case, rows, &full, every2.clone()),
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    // "Interrupted" run: only what existed after update 2 (checkpoint-2 and the first records).
+    let part = tmp("resume-part");
+    std::fs::create_dir_all(part.join("checkpoint-2")).unwrap();
+    for e in std::fs::read_dir(full.join("checkpoint-2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), part.join("checkpoint-2").join(e.file_name())).unwrap();
+    }
+    let metrics = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
+    // Keep records of updates 1–3 (3 was written after the checkpoint and is dropped on resume).
+    let head: String = metrics.lines().take(3).map(|l| format!("{l}\n")).collect();
+    std::fs::write(part.join("metrics.jsonl"), head).unwrap();
+    let mut resumed = job(case, rows, &part, every2);
+    resumed.paths.resume = Some(PathBuf::from("latest"));
+    run_train::<CpuBackend>(&resumed, &Default::default(), &mut |_| {}).unwrap();
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            bytes(&full.join("final").join(f)) == bytes(&part.join("final").join(f)),
+            "final/{f} differs between the uninterrupted and the resumed run"
+        );
+    }
+    let strip = |text: String| -> Vec<Value> {
+        text.lines()
+            .map(|l| {
+                let mut v: Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_second");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(metrics),
+        strip(std::fs::read_to_string(part.join("metrics.jsonl")).unwrap()),
+        "metrics.jsonl of the resumed run"
+    );
+    let _ = std::fs::remove_dir_all(&full);
+    let _ = std::fs::remove_dir_all(&part);
+}
