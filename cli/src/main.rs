@@ -12,6 +12,7 @@ use wrpo_engine_core::dispatch;
 use wrpo_engine_core::logps::{run_logps, LogpsJob};
 use wrpo_engine_core::model::ModelSource;
 
+mod plot;
 mod train;
 
 #[derive(Parser)]

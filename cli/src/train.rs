@@ -89,6 +89,11 @@ pub fn train(a: TrainCmd) -> Result<()> {
     let summary =
         dispatch!(selected, B, device => run_train::<B>(&job, &device, &mut |e| view.event(e)))?;
     view.finish();
+    let png = summary.final_dir.join("training_curves.png");
+    match crate::plot::plot_history(&summary.history, &png) {
+        Ok(()) => eprintln!("plot: {}", png.display()),
+        Err(e) => eprintln!("warning: could not draw {}: {e:#}", png.display()),
+    }
     if let Some(last) = summary
         .history
         .iter()

@@ -168,3 +168,135 @@ fn missing_files_name_the_path() {
         stderr(&o)
     );
 }
+
+fn records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The README's first command: the built-in tiny model learns the bundled set, the loss falls and
+/// the reward accuracy rises, on train and held-out rows; the outputs contract is there.
+#[test]
+fn train_embedded_default_learns() {
+    let out = tmp("train-default");
+    let o = bin()
+        .args(["train", "--backend", "cpu", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(&out.join("metrics.jsonl"));
+    let train: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
+    let eval: Vec<&serde_json::Value> = recs
+        .iter()
+        .filter(|r| r.get("eval/loss").is_some())
+        .collect();
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    assert!(
+        (f(train[0], "loss") - 2f64.ln()).abs() < 1e-6,
+        "first loss is log 2 (policy = reference)"
+    );
+    let tail = &train[train.len() - 4..];
+    let late_loss = tail.iter().map(|r| f(r, "loss")).sum::<f64>() / 4.0;
+    let late_acc = tail.iter().map(|r| f(r, "rewards/accuracies")).sum::<f64>() / 4.0;
+    assert!(late_loss < 0.3 * 2f64.ln(), "train loss fell: {late_loss}");
+    assert!(late_acc > 0.9, "train reward accuracy rose: {late_acc}");
+    assert!(f(eval.last().unwrap(), "eval/loss") < f(eval[0], "eval/loss"));
+    assert!(f(eval.last().unwrap(), "eval/rewards/accuracies") >= 0.75);
+    for k in [
+        "step",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "cur_alpha",
+        "rewards/chosen",
+        "rewards/source_chosen",
+        "rewards/target_chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "rewards/source_accuracies",
+        "rewards/pivot_accuracies",
+        "logps/chosen",
+        "logps/source_chosen",
+        "logps/target_chosen",
+        "logps/rejected",
+        "tokens_per_second",
+    ] {
+        assert!(train[0].get(k).is_some(), "metrics.jsonl lacks {k}");
+    }
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "training_config.yaml",
+        "training_curves.png",
+    ] {
+        assert!(out.join("final").join(f).is_file(), "final/{f} missing");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn train_bad_input_fails_clearly() {
+    let out = tmp("train-bad");
+    let good = r#"{"prompt": "1+1?", "chosen": ["2.", "Two."], "rejected": ["3."]}"#;
+    let three = r#"{"prompt": "2+2?", "chosen": ["4.", "Four.", "4!"], "rejected": ["5."]}"#;
+    let data = out.join("rows.jsonl");
+    std::fs::write(&data, format!("{good}\n{three}\n{good}\n")).unwrap();
+    let model = fixtures().join("llama-tied");
+    let run_in = |dir: &str, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["train", "--backend", "cpu", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data);
+        c.arg("--output").arg(out.join(dir)).args(extra);
+        c.output().unwrap()
+    };
+    let run = |extra: &[&str]| run_in("o", extra);
+    // A row whose chosen count differs: file:line and field.
+    let o = run(&[]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("rows.jsonl:2") && e.contains("chosen") && e.contains("--skip-bad-rows"),
+        "{e}"
+    );
+    // Skipped and counted with --skip-bad-rows.
+    let o = run(&["--skip-bad-rows", "true", "--max-steps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("skipped 1 bad rows"), "{}", stderr(&o));
+    // Unknown configuration key: named, with the file.
+    let cfg = out.join("bad.yaml");
+    std::fs::write(&cfg, "learning_rate: 1e-6\nbeta_typo: 0.1\n").unwrap();
+    let o = run(&["--config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("bad.yaml") && stderr(&o).contains("beta_typo"),
+        "{}",
+        stderr(&o)
+    );
+    // WRPO on pairwise rows: says what to use instead.
+    std::fs::write(
+        &data,
+        r#"{"prompt": "1+1?", "chosen": ["2."], "rejected": ["3."]}"#,
+    )
+    .unwrap();
+    let o = run(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--loss-type dpo"), "{}", stderr(&o));
+    let o = run(&["--loss", "dpo", "--max-steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Nothing to resume from.
+    let o = run_in("empty", &["--resume", "--loss", "dpo"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--resume latest"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&out);
+}
