@@ -51,6 +51,52 @@ enum BenchCommand {
     /// Fused CubeCL token log-probs vs the composite reference on the same backend: forward and
     /// forward + backward medians, effective GB/s against the napkin floor, peak memory, parity.
     Kernels(BenchKernelsArgs),
+    /// Full WRPO updates (policy + reference forward, loss, backward, clipping, AdamW) of a random
+    /// LLaMA: policy tokens/s and peak memory. Compare with `tests/reference/bench_step.py` (same
+    /// knobs) for the PyTorch ratio.
+    Step(BenchStepArgs),
+}
+
+#[derive(Args)]
+struct BenchStepArgs {
+    #[command(flatten)]
+    backend: BackendArg,
+    /// Hidden size H.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 4)]
+    kv_heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 688)]
+    intermediate: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    /// Rows per update (3 sequences each).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Tokens per sequence (a quarter of them prompt).
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed updates (median reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed updates first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Seed of the model and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON record on standard output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -136,7 +182,15 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        eprintln!("error: internal failure: {msg}");
+        let lower = msg.to_lowercase();
+        if lower.contains("out of memory") || lower.contains("outofmemory") || lower.contains("oom")
+        {
+            eprintln!("error: the device ran out of memory ({msg}). Lower --per-device-train-batch-size or --max-length, or use a larger device");
+        } else if lower.contains("device lost") || lower.contains("devicelost") {
+            eprintln!("error: the GPU device was lost ({msg}); the last checkpoint in --output is intact, continue with --resume");
+        } else {
+            eprintln!("error: internal failure: {msg}");
+        }
     }));
     // Vulkan loaders probe for a Wayland display and complain on stderr when XDG_RUNTIME_DIR is
     // unset (headless machines, CI). An empty directory answers the probe quietly.
@@ -162,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logps(args) => logps(args),
         Command::Backends => backends(),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
+        Command::Bench(BenchCommand::Step(a)) => bench_step(a),
         Command::ExportTiny { out } => export_tiny(out),
     }
 }
@@ -255,6 +310,41 @@ fn logps(a: LogpsArgs) -> Result<()> {
         None => std::io::stdout()
             .write_all(text.as_bytes())
             .context("writing to standard output")?,
+    }
+    Ok(())
+}
+
+fn bench_step(a: BenchStepArgs) -> Result<()> {
+    use wrpo_engine_core::bench::{bench_step, StepShape};
+    anyhow::ensure!(
+        a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.hidden % a.heads == 0,
+        "--heads must divide --hidden and be a multiple of --kv-heads"
+    );
+    anyhow::ensure!(
+        a.seq >= 4 && a.batch > 0 && a.vocab > 0,
+        "--seq ≥ 4, --batch ≥ 1, --vocab ≥ 1"
+    );
+    let selected = device(a.backend.backend)?;
+    let label = selected.to_string();
+    let shape = StepShape {
+        hidden: a.hidden,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        intermediate: a.intermediate,
+        vocab: a.vocab,
+        batch: a.batch,
+        seq: a.seq,
+    };
+    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, a.steps, a.warmup, a.seed));
+    if a.json {
+        println!("{}", serde_json::to_string(&r).expect("serialisable"));
+    } else {
+        println!(
+            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {}: {:.1} ms/update, {:.0} policy tokens/s, peak {}",
+            r.backend, a.hidden, a.layers, a.vocab, a.batch, a.seq, r.step_ms_median, r.tokens_per_second,
+            r.peak_mb.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"))
+        );
     }
     Ok(())
 }

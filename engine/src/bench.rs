@@ -229,3 +229,137 @@ pub fn peak_memory<B: LogProbBackend + MemoryProbe>(
     drop(out);
     Some(peak)
 }
+
+/// Shape of a `bench step` run (same knobs as `tests/reference/bench_step.py`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepShape {
+    /// H.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// NH.
+    pub heads: usize,
+    /// NKV.
+    pub kv_heads: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// V.
+    pub vocab: usize,
+    /// Rows per step (each: a source, a target and a rejected response).
+    pub batch: usize,
+    /// Tokens per sequence (the first quarter is the prompt).
+    pub seq: usize,
+}
+
+/// Result of `bench step`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Always `wrpo_step`.
+    pub op: &'static str,
+    /// The backend.
+    pub backend: String,
+    /// The model and batch.
+    pub shape: StepShape,
+    /// Median wall time of one update, ms.
+    pub step_ms_median: f64,
+    /// Policy tokens per second (`3·batch·seq` per update, as the PyTorch script counts).
+    pub tokens_per_second: f64,
+    /// Peak resident memory of the process (cpu) or device pool reservation (CubeCL), MiB.
+    pub peak_mb: Option<f64>,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Time full WRPO updates (policy forward + reference forward + loss + backward + global clipping +
+/// AdamW) of a random LLaMA on random tokens: `warmup` untimed, then `steps` timed.
+pub fn bench_step<B: LogProbBackend + MemoryProbe>(
+    device: &B::Device,
+    backend: &str,
+    shape: StepShape,
+    steps: usize,
+    warmup: usize,
+    seed: u64,
+) -> StepRecord {
+    use crate::data::Encoded;
+    use crate::train::optim::{clip_global_norm, AdamState, AdamW, Flat};
+    use crate::train::step::{micro_step, Reference};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use wrpo_kernels::loss::{LossConfig, Objective};
+
+    let cfg = wrpo_models::LlamaConfig::tiny(
+        shape.vocab,
+        shape.hidden,
+        shape.intermediate,
+        shape.layers,
+        shape.heads,
+        shape.kv_heads,
+        false,
+    );
+    let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
+    let mut params = Flat::of_model(&model);
+    let reference = Reference::Model(Box::new(model), Box::new(cfg.clone()));
+    let mut rng = StdRng::seed_from_u64(seed);
+    let prompt_len = shape.seq / 4;
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..shape.vocab as u32))
+            .collect()
+    };
+    let rows: Vec<Encoded> = (0..shape.batch)
+        .map(|i| Encoded {
+            line: i + 1,
+            prompt: ids(prompt_len),
+            chosen: vec![ids(shape.seq - prompt_len), ids(shape.seq - prompt_len)],
+            rejected: vec![ids(shape.seq - prompt_len)],
+        })
+        .collect();
+    let batch: Vec<&Encoded> = rows.iter().collect();
+    let idx: Vec<usize> = (0..rows.len()).collect();
+    let loss_cfg = LossConfig {
+        objective: Objective::Wrpo,
+        alpha: 0.1,
+        beta: 0.1,
+        label_smoothing: 0.0,
+    };
+    let adamw = AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut opt = AdamState::new(&params);
+    let mut times = vec![];
+    for i in 0..warmup + steps.max(1) {
+        let t0 = Instant::now();
+        let out = micro_step(
+            &cfg, &params, &reference, &loss_cfg, &batch, &idx, 0, 1.0, device,
+        );
+        let mut grads = out.grads;
+        clip_global_norm(&mut grads, 1.0);
+        adamw.step(1e-6, &mut params, grads, &mut opt);
+        let _ = params.values[0].clone().slice([0..1]).into_data(); // waits for the update
+        sync::<B>(device);
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(times);
+    let peak = match B::reserved_bytes(device) {
+        Some(b) => Some(b),
+        None => peak_rss_bytes(),
+    };
+    StepRecord {
+        op: "wrpo_step",
+        backend: backend.to_string(),
+        shape,
+        step_ms_median: med * 1e3,
+        tokens_per_second: (3 * shape.batch * shape.seq) as f64 / med,
+        peak_mb: peak.map(|b| b as f64 / (1024.0 * 1024.0)),
+    }
+}
