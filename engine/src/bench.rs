@@ -343,7 +343,7 @@ pub fn bench_step<B: LogProbBackend + MemoryProbe>(
         let mut grads = out.grads;
         clip_global_norm(&mut grads, 1.0);
         adamw.step(1e-6, &mut params, grads, &mut opt);
-        let _ = params.values[0].clone().slice([0..1]).into_data(); // waits for the update
+        let _ = params.values[0].clone().narrow(0, 0, 1).into_data(); // waits for the update
         sync::<B>(device);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
