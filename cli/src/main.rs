@@ -317,7 +317,10 @@ fn logps(a: LogpsArgs) -> Result<()> {
 fn bench_step(a: BenchStepArgs) -> Result<()> {
     use wrpo_engine_core::bench::{bench_step, StepShape};
     anyhow::ensure!(
-        a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.hidden % a.heads == 0,
+        a.heads > 0
+            && a.kv_heads > 0
+            && a.heads.is_multiple_of(a.kv_heads)
+            && a.hidden.is_multiple_of(a.heads),
         "--heads must divide --hidden and be a multiple of --kv-heads"
     );
     anyhow::ensure!(
