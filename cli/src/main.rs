@@ -29,6 +29,15 @@ enum Command {
     /// Without --model: the built-in tiny LLaMA learns the bundled dataset (about a minute on a
     /// CPU). Settings come from the authors' WRPO defaults, then --config FILE (YAML), then flags.
     Train(Box<train::TrainCmd>),
+    /// Supervised fine-tuning of the target (WRPO stage one: Target-SFT on the best source
+    /// responses).
+    ///
+    /// Rows: `{"messages": [...]}` (the last, assistant message is learnt), WRPO rows (prompt +
+    /// chosen[0]) or `{"prompt", "completion"}`. Same settings, outputs, checkpoints and resume as
+    /// `train`; defaults: the authors' SFT (lr 7e-6, cosine, warm-up 10 %, 1 epoch), loss on
+    /// completion tokens (`--completion-only false`: all tokens). Without --model: the built-in
+    /// tiny LLaMA on the bundled rows.
+    Sft(Box<train::TrainCmd>),
     /// Per-sequence completion log-probs of WRPO rows under a model (one JSON line per row).
     ///
     /// Without --model, uses the built-in tiny LLaMA and the bundled dataset.
@@ -212,7 +221,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => train::train(*args),
+        Command::Train(args) => train::train(*args, train::Recipe::Train),
+        Command::Sft(args) => train::train(*args, train::Recipe::Sft),
         Command::Logps(args) => logps(args),
         Command::Backends => backends(),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),

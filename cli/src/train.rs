@@ -8,7 +8,10 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use wrpo_engine_core::dispatch;
-use wrpo_engine_core::train::config::{embedded_preset, resolve, RunPaths, TrainArgs, TrainConfig};
+use wrpo_engine_core::train::config::{
+    embedded_preset, resolve, sft_embedded_preset, sft_preset, RunPaths, TrainArgs, TrainConfig,
+};
+use wrpo_engine_core::train::sft::run_sft;
 use wrpo_engine_core::train::{run_train, Event, TrainJob};
 
 use crate::BackendArg;
@@ -59,15 +62,35 @@ fn default_cache_dir() -> PathBuf {
         .join("wrpo-engine")
 }
 
-pub fn train(a: TrainCmd) -> Result<()> {
+/// Which recipe.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// WRPO and its baselines.
+    Train,
+    /// Supervised fine-tuning.
+    Sft,
+}
+
+pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
     if a.model.is_some() && a.data.is_none() {
         anyhow::bail!(
             "--data is required with --model (the bundled dataset goes with the built-in model)"
         );
     }
+    let train_only = a.ref_model.is_some() || a.ref_logps.is_some() || a.eval_data.is_some();
+    if recipe == Recipe::Sft && train_only {
+        anyhow::bail!("--ref-model, --ref-logps and --eval-data are `train` options; `sft` has no reference model or eval split");
+    }
     let mut defaults = TrainConfig::default();
-    if a.model.is_none() {
-        embedded_preset().apply(&mut defaults);
+    match (recipe, a.model.is_none()) {
+        (Recipe::Train, true) => embedded_preset().apply(&mut defaults),
+        (Recipe::Train, false) => {}
+        (Recipe::Sft, embedded) => {
+            sft_preset().apply(&mut defaults);
+            if embedded {
+                sft_embedded_preset().apply(&mut defaults);
+            }
+        }
     }
     let cfg = resolve(defaults, a.config.as_deref(), &a.settings)?;
     eprintln!("training configuration:\n{}", indent(&cfg.to_yaml()));
@@ -86,28 +109,42 @@ pub fn train(a: TrainCmd) -> Result<()> {
     };
     let selected = crate::device(a.backend.backend)?;
     let mut view = Progress::new();
-    let summary =
-        dispatch!(selected, B, device => run_train::<B>(&job, &device, &mut |e| view.event(e)))?;
+    let summary = match recipe {
+        Recipe::Train => {
+            dispatch!(selected, B, device => run_train::<B>(&job, &device, &mut |e| view.event(e)))?
+        }
+        Recipe::Sft => {
+            dispatch!(selected, B, device => run_sft::<B>(&job, &device, &mut |e| view.event(e)))?
+        }
+    };
     view.finish();
     let png = summary.final_dir.join("training_curves.png");
     match crate::plot::plot_history(&summary.history, &png) {
         Ok(()) => eprintln!("plot: {}", png.display()),
         Err(e) => eprintln!("warning: could not draw {}: {e:#}", png.display()),
     }
-    if let Some(last) = summary
+    let last = summary
         .history
         .iter()
         .rev()
-        .find(|r| r.get("loss").is_some())
-    {
+        .find(|r| r.get("loss").is_some());
+    if let Some(last) = last {
         let g = |k: &str| last.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-        eprintln!(
-            "done: {} updates · last loss {:.4} · reward accuracy {:.2} · margin {:.4}",
-            summary.steps,
-            g("loss"),
-            g("rewards/accuracies"),
-            g("rewards/margins")
-        );
+        match recipe {
+            Recipe::Sft => eprintln!(
+                "done: {} updates · last loss {:.4} · mean token accuracy {:.3}",
+                summary.steps,
+                g("loss"),
+                g("mean_token_accuracy")
+            ),
+            Recipe::Train => eprintln!(
+                "done: {} updates · last loss {:.4} · reward accuracy {:.2} · margin {:.4}",
+                summary.steps,
+                g("loss"),
+                g("rewards/accuracies"),
+                g("rewards/margins")
+            ),
+        }
     }
     eprintln!(
         "final model: {} · metrics: {}",
@@ -171,7 +208,20 @@ impl Progress {
                     });
                     b.set_message(format!("loss {loss:.4}{acc}"));
                 }
-                if let (Some(r), None) = (record, &self.bar) {
+                if let (Some(r), None, true) = (
+                    record,
+                    &self.bar,
+                    record.is_some_and(|r| r.contains_key("mean_token_accuracy")),
+                ) {
+                    eprintln!(
+                        "step {step}: loss {:.4} · token accuracy {:.3} · grad_norm {:.3} · lr {:.3e} · {:.0} tok/s",
+                        num(r, "loss"),
+                        num(r, "mean_token_accuracy"),
+                        num(r, "grad_norm"),
+                        num(r, "learning_rate"),
+                        num(r, "tokens_per_second")
+                    );
+                } else if let (Some(r), None) = (record, &self.bar) {
                     eprintln!(
                         "step {step}: loss {:.4} · margins {:.4} · acc {:.2} · grad_norm {:.3} · lr {:.3e} · α {:.3} · {:.0} tok/s",
                         num(r, "loss"),

@@ -300,3 +300,33 @@ fn train_bad_input_fails_clearly() {
     assert!(stderr(&o).contains("--resume latest"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `sft` on the embedded default: the token loss falls; `--packing` is refused with the reason.
+#[test]
+fn sft_embedded_default_learns_and_packing_is_refused() {
+    let out = tmp("sft-default");
+    let o = bin()
+        .args(["sft", "--backend", "cpu", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(&out.join("metrics.jsonl"));
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    let (first, last) = (&recs[0], recs.last().unwrap());
+    assert!(f(last, "loss") < 0.5 * f(first, "loss"), "sft loss fell");
+    assert!(f(last, "mean_token_accuracy") > f(first, "mean_token_accuracy"));
+    assert!(out.join("final/model.safetensors").is_file());
+    let o = bin()
+        .args(["sft", "--backend", "cpu", "--packing", "true", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("packing: not implemented"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -109,7 +109,8 @@ impl fmt::Display for RowError {
 
 impl std::error::Error for RowError {}
 
-type FieldError = (String, String);
+/// The failing field (a path such as `chosen[1].role`) and what is wrong.
+pub type FieldError = (String, String);
 
 fn ferr(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
     (field.into(), msg.into())
@@ -125,6 +126,18 @@ pub fn read_rows(path: &Path) -> Result<Vec<Result<Row, RowError>>> {
 
 /// [`read_rows`] on text already in memory; `path` names it in errors.
 pub fn parse_rows(path: &Path, text: &str) -> Result<Vec<Result<Row, RowError>>> {
+    parse_rows_with(path, text, &parse_row)
+}
+
+/// A row validator: JSON value and line → row, or the failing field and why.
+pub type RowParser = dyn Fn(&Value, usize) -> Result<Row, FieldError>;
+
+/// [`parse_rows`] with another row validator (e.g. [`parse_sft_row`]).
+pub fn parse_rows_with(
+    path: &Path,
+    text: &str,
+    parser: &RowParser,
+) -> Result<Vec<Result<Row, RowError>>> {
     let mut out = Vec::new();
     if text.trim_start().starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
@@ -133,19 +146,19 @@ pub fn parse_rows(path: &Path, text: &str) -> Result<Vec<Result<Row, RowError>>>
         for raw in items {
             let offset = raw.get().as_ptr() as usize - text.as_ptr() as usize;
             let line = 1 + text[..offset].bytes().filter(|&b| b == b'\n').count();
-            out.push(parse_value(path, line, raw.get()));
+            out.push(parse_value(path, line, raw.get(), parser));
         }
     } else {
         for (i, l) in text.lines().enumerate() {
             if !l.trim().is_empty() {
-                out.push(parse_value(path, i + 1, l));
+                out.push(parse_value(path, i + 1, l, parser));
             }
         }
     }
     Ok(out)
 }
 
-fn parse_value(path: &Path, line: usize, src: &str) -> Result<Row, RowError> {
+fn parse_value(path: &Path, line: usize, src: &str, parser: &RowParser) -> Result<Row, RowError> {
     let mk = |(field, msg): FieldError| RowError {
         path: path.to_path_buf(),
         line,
@@ -154,7 +167,7 @@ fn parse_value(path: &Path, line: usize, src: &str) -> Result<Row, RowError> {
     };
     let v: Value =
         serde_json::from_str(src).map_err(|e| mk(ferr("", format!("invalid JSON: {e}"))))?;
-    parse_row(&v, line).map_err(mk)
+    parser(&v, line).map_err(mk)
 }
 
 /// Validate one JSON row.
@@ -560,6 +573,53 @@ impl Dataset {
         }
         Ok(Self { rows, skipped })
     }
+}
+
+/// Validate one supervised fine-tuning row as a [`Row`] whose single chosen response is the
+/// target (and whose `rejected` repeats it, so WRPO tokenisation and truncation apply unchanged).
+/// Accepted forms: `{"messages": [..., {"role": "assistant", ...}]}` (the last message is the
+/// completion), a WRPO row (`prompt` + `chosen[0]`, the best source response; `rejected` optional),
+/// or `{"prompt", "completion"}`.
+pub fn parse_sft_row(v: &Value, line: usize) -> Result<Row, FieldError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ferr("", "a row must be a JSON object"))?;
+    let (prompt, completion) = if let Some(m) = obj.get("messages") {
+        let msgs = m
+            .as_array()
+            .filter(|a| a.len() >= 2)
+            .ok_or_else(|| ferr("messages", "must be a list of at least two messages"))?;
+        let last = &msgs[msgs.len() - 1];
+        if last.get("role").and_then(Value::as_str) != Some("assistant") {
+            return Err(ferr(
+                format!("messages[{}].role", msgs.len() - 1),
+                "the last message must be the assistant's (the completion to learn)",
+            ));
+        }
+        (Value::Array(msgs[..msgs.len() - 1].to_vec()), last.clone())
+    } else {
+        let prompt = obj.get("prompt").cloned().ok_or_else(|| {
+            ferr(
+                "prompt",
+                "missing (an SFT row needs `messages`, or `prompt` with `chosen` or `completion`)",
+            )
+        })?;
+        let completion = match (obj.get("chosen"), obj.get("completion")) {
+            (Some(Value::Array(c)), _) if !c.is_empty() => c[0].clone(),
+            (Some(_), _) => return Err(ferr("chosen", "must hold at least one response")),
+            (None, Some(c)) => c.clone(),
+            (None, None) => return Err(ferr("completion", "missing (or give `chosen`)")),
+        };
+        (prompt, completion)
+    };
+    let mut row = serde_json::Map::new();
+    if let Some(id) = obj.get("prompt_id") {
+        row.insert("prompt_id".into(), id.clone());
+    }
+    row.insert("prompt".into(), prompt);
+    row.insert("chosen".into(), Value::Array(vec![completion.clone()]));
+    row.insert("rejected".into(), Value::Array(vec![completion]));
+    parse_row(&Value::Object(row), line)
 }
 
 /// Load `path`, or the bundled dataset of the embedded default when `None`.

@@ -160,6 +160,12 @@ train_config! {
     /// Skip (and count) bad rows instead of failing.
     #[arg(value_name = "BOOL")]
     skip_bad_rows: bool = false;
+    /// sft: loss on completion tokens only (false: on every token, as the authors' packed SFT).
+    #[arg(value_name = "BOOL")]
+    completion_only: bool = true;
+    /// sft: pack several examples per sequence (not implemented: refused with the reason).
+    #[arg(value_name = "BOOL")]
+    packing: bool = false;
 }
 
 impl TrainConfig {
@@ -289,6 +295,28 @@ pub fn embedded_preset() -> TrainArgs {
         max_prompt_length: Some(128),
         eval_fraction: Some(0.125),
         eval_steps: Some(14),
+        save_steps: Some(0),
+        ..Default::default()
+    }
+}
+
+/// The authors' Target-SFT settings (lr 7e-6, cosine, warm-up 10 %, 1 epoch) over the defaults.
+pub fn sft_preset() -> TrainArgs {
+    TrainArgs {
+        learning_rate: Some(7e-6),
+        ..Default::default()
+    }
+}
+
+/// The embedded default of `sft`: the tiny model learns the bundled responses quickly.
+pub fn sft_embedded_preset() -> TrainArgs {
+    TrainArgs {
+        learning_rate: Some(1e-3),
+        per_device_train_batch_size: Some(4),
+        gradient_accumulation_steps: Some(1),
+        num_train_epochs: Some(2),
+        max_length: Some(256),
+        max_prompt_length: Some(128),
         save_steps: Some(0),
         ..Default::default()
     }

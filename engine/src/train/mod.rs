@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod optim;
 pub mod refcache;
 pub mod schedule;
+pub mod sft;
 pub mod state;
 pub mod step;
 
@@ -242,7 +243,7 @@ pub fn run_train<B: LogProbBackend>(
     let mut start = 0usize;
     if let Some(dir) = resume_dir(paths)? {
         let restored = state::load_checkpoint(&dir, &params, device)?;
-        check_resume(&restored.state, cfg, &source, paths, &plan)?;
+        check_resume(&restored.state, cfg, &source, &plan)?;
         params = restored.params;
         opt = restored.opt;
         start = restored.state.global_step as usize;
@@ -446,7 +447,7 @@ fn evaluate<B: LogProbBackend>(
     rec
 }
 
-fn resume_dir(paths: &RunPaths) -> Result<Option<PathBuf>> {
+pub(crate) fn resume_dir(paths: &RunPaths) -> Result<Option<PathBuf>> {
     let Some(r) = &paths.resume else {
         return Ok(None);
     };
@@ -470,11 +471,10 @@ fn resume_dir(paths: &RunPaths) -> Result<Option<PathBuf>> {
 
 /// A resumed run must be the run that wrote the checkpoint (same model, data layout and
 /// training-relevant settings), or it would not reach the same weights.
-fn check_resume(
+pub(crate) fn check_resume(
     st: &TrainerState,
     cfg: &TrainConfig,
     source: &ModelSource,
-    paths: &RunPaths,
     plan: &Plan,
 ) -> Result<()> {
     if st.model != source.label() {
@@ -514,7 +514,6 @@ fn check_resume(
             plan.total
         );
     }
-    let _ = paths;
     Ok(())
 }
 

@@ -1,0 +1,362 @@
+//! `wrpo-engine sft`: supervised fine-tuning of the target on (prompt, response) pairs — stage one
+//! of WRPO (Target-SFT on the sources' best responses). A second small recipe on the trainer's
+//! building blocks (flat parameters, AdamW, clipping, schedules, checkpoints, metrics).
+//!
+//! Loss: the mean token negative log-likelihood over the completion tokens of the global batch
+//! (`completion_only`, the default) or over every token but the first (`completion_only: false`,
+//! what the authors' packed SFT did). `mean_token_accuracy`: the fraction of those tokens whose
+//! arg-max logit is the label. Packing is not implemented (see [`run_sft`]).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, Tensor};
+use serde_json::{Map, Value};
+use wrpo_kernels::logprobs::{sequence_logprobs, LogProbBackend};
+use wrpo_models::{Llama, LlamaConfig, ParamRef};
+
+use super::metrics::{json_f64, MetricsFile};
+use super::optim::{clip_global_norm, AdamState, AdamW, Flat};
+use super::schedule::{epoch_order, lr_factor, Plan};
+use super::state::{self, TokenizerFiles, TrainerState};
+use super::{resume_dir, Event, TrainJob, TrainSummary};
+use crate::data::{parse_rows_with, parse_sft_row, Dataset, EncodeOptions, Encoded};
+use crate::logps::make_batch;
+use crate::model::ModelSource;
+
+/// One example: prompt ids and completion ids.
+#[derive(Debug, Clone)]
+pub struct SftExample {
+    /// Data file line.
+    pub line: usize,
+    /// Prompt ids (context; scored only with `completion_only: false`).
+    pub prompt: Vec<u32>,
+    /// Completion ids (always scored).
+    pub completion: Vec<u32>,
+}
+
+fn load_examples(
+    path: Option<&Path>,
+    tok: Option<&crate::tokenizer::TextTokenizer>,
+    opts: &EncodeOptions,
+    skip: bool,
+) -> Result<(Dataset, std::path::PathBuf)> {
+    let (label, text) = match path {
+        Some(p) => {
+            crate::model::require_file(p, "--data")?;
+            (
+                p.to_path_buf(),
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+        }
+        None => (
+            Path::new(crate::embedded::LABEL).join("wrpo_tiny.jsonl"),
+            crate::embedded::DATASET.to_string(),
+        ),
+    };
+    let parsed = parse_rows_with(&label, &text, &parse_sft_row)?;
+    Ok((Dataset::from_rows(&label, parsed, tok, opts, skip)?, label))
+}
+
+struct MicroOut<B: Backend> {
+    grads: Vec<Tensor<B, 1>>,
+    nll: f64,
+    correct: f64,
+    tokens: usize,
+}
+
+/// Forward + backward of one micro-batch; gradients of `Σ NLL / scored_in_global`.
+fn sft_micro<B: LogProbBackend>(
+    cfg: &LlamaConfig,
+    params: &Flat<B>,
+    batch: &[&SftExample],
+    completion_only: bool,
+    scored_in_global: usize,
+    pad: u32,
+    device: &B::Device,
+) -> MicroOut<B> {
+    let index = params.index();
+    let model: Llama<Autodiff<B>> = Llama::build_from(cfg, &mut |name, _| {
+        Tensor::from_inner(params.values[index(name)].clone())
+    });
+    let joined: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|e| [e.prompt.as_slice(), e.completion.as_slice()].concat())
+        .collect();
+    let seqs: Vec<(&[u32], &[u32])> = batch
+        .iter()
+        .zip(&joined)
+        .map(|(e, all)| {
+            if completion_only {
+                (e.prompt.as_slice(), e.completion.as_slice())
+            } else {
+                (&all[..0], all.as_slice())
+            }
+        })
+        .collect();
+    let tokens = joined.iter().map(Vec::len).sum();
+    let b = make_batch::<Autodiff<B>>(&seqs, pad, device);
+    let logits = model.forward(cfg, b.input_ids, b.valid);
+    let argmax = logits.clone().inner().argmax(2).squeeze_dim::<2>(2);
+    let labels_inner = b.labels.clone().inner();
+    let scored = labels_inner
+        .clone()
+        .not_equal_elem(wrpo_kernels::IGNORE_INDEX);
+    let correct = argmax
+        .equal(labels_inner)
+        .bool_and(scored)
+        .int()
+        .sum()
+        .into_scalar();
+    let (sums, _) = sequence_logprobs(logits, b.labels);
+    let nll = sums.sum().neg();
+    let grads_all = (nll.clone() / scored_in_global as f64).backward();
+    let mut grads = vec![None; params.values.len()];
+    model.visit_params(&mut |name, p| {
+        grads[index(name)] = match p {
+            ParamRef::D1(p) => p.val().grad(&grads_all),
+            ParamRef::D2(p) => p.val().grad(&grads_all).map(|g| g.flatten(0, 1)),
+        };
+    });
+    let grads = grads
+        .into_iter()
+        .zip(&params.values)
+        .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
+        .collect();
+    use burn::tensor::ElementConversion;
+    MicroOut {
+        grads,
+        nll: nll.into_scalar().elem::<f64>(),
+        correct: correct.elem::<f64>(),
+        tokens,
+    }
+}
+
+fn scored(e: &SftExample, completion_only: bool) -> usize {
+    if completion_only {
+        e.completion.len() - usize::from(e.prompt.is_empty())
+    } else {
+        e.prompt.len() + e.completion.len() - 1
+    }
+}
+
+/// Run `sft`. Same settings, outputs, checkpoints and resume as `train` (WRPO-only keys are
+/// ignored). `packing: true` is refused: the LLaMA forward has no block-diagonal attention mask
+/// or per-segment positions yet, so examples are padded instead — say so rather than pack wrongly.
+pub fn run_sft<B: LogProbBackend>(
+    job: &TrainJob,
+    device: &B::Device,
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainSummary> {
+    // ---- setup ------------------------------------------------------------------------------
+    let (cfg, paths) = (&job.cfg, &job.paths);
+    cfg.validate()?;
+    if cfg.packing {
+        bail!("packing: not implemented — the LLaMA forward has no block-diagonal attention mask or per-example positions yet, and packing without them would let examples attend to each other. Drop --packing (examples are padded; set per_device_train_batch_size to fill the device)");
+    }
+    let source = ModelSource::from_arg(paths.model.as_deref());
+    let model_cfg = source.config()?;
+    let tok = source.tokenizer(&model_cfg)?;
+    let opts = EncodeOptions {
+        max_length: Some(cfg.max_length),
+        max_prompt_length: Some(cfg.max_prompt_length),
+        vocab_size: model_cfg.vocab_size,
+    };
+    let (ds, label) = load_examples(
+        paths.data.as_deref(),
+        tok.as_ref(),
+        &opts,
+        cfg.skip_bad_rows,
+    )?;
+    if !ds.skipped.is_empty() {
+        on(Event::Note(format!(
+            "{}: skipped {} bad rows (first: {})",
+            label.display(),
+            ds.skipped.len(),
+            ds.skipped[0]
+        )));
+    }
+    let rows: Vec<SftExample> = ds
+        .rows
+        .into_iter()
+        .map(|e: Encoded| SftExample {
+            line: e.line,
+            prompt: e.prompt,
+            completion: e.chosen.into_iter().next().expect("one completion"),
+        })
+        .collect();
+    let plan = Plan::new(cfg, rows.len());
+    let pad = tok
+        .as_ref()
+        .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
+        .map_or(0, |(_, id)| *id);
+    std::fs::create_dir_all(&paths.output)
+        .with_context(|| format!("creating {}", paths.output.display()))?;
+    on(Event::Note(format!(
+        "sft: model {} · {} examples · loss on {} · {} updates of {} rows",
+        source.label(),
+        rows.len(),
+        if cfg.completion_only {
+            "completion tokens"
+        } else {
+            "all tokens"
+        },
+        plan.total,
+        plan.global_batch
+    )));
+    let (initial, _) = source.load::<B>(device)?;
+    let mut params = Flat::of_model(&initial);
+    drop(initial);
+    let adamw = AdamW {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamState::new(&params);
+    let (mut start, mut history) = (0usize, Vec::<Value>::new());
+    if let Some(dir) = resume_dir(paths)? {
+        let r = state::load_checkpoint(&dir, &params, device)?;
+        super::check_resume(&r.state, cfg, &source, &plan)?;
+        (params, opt, start, history) = (
+            r.params,
+            r.opt,
+            r.state.global_step as usize,
+            r.state.log_history,
+        );
+        on(Event::Note(format!(
+            "resumed from {} (update {start})",
+            dir.display()
+        )));
+    }
+    let mut metrics_file = MetricsFile::open(
+        &paths.output.join("metrics.jsonl"),
+        (start > 0).then_some(start as u64),
+    )?;
+    let tokenizer_files = paths
+        .model
+        .clone()
+        .map_or(TokenizerFiles::Embedded, TokenizerFiles::Dir);
+    let trainer_state = |step: usize, history: &[Value]| TrainerState {
+        global_step: step as u64,
+        total_steps: plan.total as u64,
+        epoch: plan.epoch_after(step),
+        model: source.label(),
+        data: label.display().to_string(),
+        config: cfg.clone(),
+        log_history: history.to_vec(),
+    };
+    on(Event::Started {
+        plan: &plan,
+        start,
+        config: cfg,
+    });
+
+    // ---- loop ---------------------------------------------------------------------------------
+    let (mut acc_nll, mut acc_correct, mut acc_scored, mut acc_tokens) = (0.0, 0.0, 0usize, 0usize);
+    let mut interval_start = Instant::now();
+    let mut order = (usize::MAX, vec![]);
+    for s in start..plan.total {
+        let (epoch, pos) = plan.locate(s);
+        if order.0 != epoch {
+            order = (epoch, epoch_order(rows.len(), epoch, cfg.shuffle, cfg.seed));
+        }
+        let ids = &order.1[(pos * plan.global_batch).min(rows.len())
+            ..((pos + 1) * plan.global_batch).min(rows.len())];
+        let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, s, plan.warmup, plan.total);
+        let n_scored: usize = ids
+            .iter()
+            .map(|&i| scored(&rows[i], cfg.completion_only))
+            .sum();
+        let mut grads: Option<Vec<Tensor<B, 1>>> = None;
+        let (mut nll, mut correct) = (0.0, 0.0);
+        for micro in ids.chunks(cfg.per_device_train_batch_size) {
+            let batch: Vec<&SftExample> = micro.iter().map(|&i| &rows[i]).collect();
+            let out = sft_micro(
+                &model_cfg,
+                &params,
+                &batch,
+                cfg.completion_only,
+                n_scored.max(1),
+                pad,
+                device,
+            );
+            (nll, correct) = (nll + out.nll, correct + out.correct);
+            acc_tokens += out.tokens;
+            grads = Some(match grads {
+                None => out.grads,
+                Some(acc) => acc.into_iter().zip(out.grads).map(|(a, g)| a + g).collect(),
+            });
+        }
+        let mut grads = grads.expect("a global batch has at least one row");
+        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
+        let loss = nll / n_scored.max(1) as f64;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            bail!("update {}: non-finite loss or gradient (loss {loss}, grad_norm {grad_norm}); stopped before applying it", s + 1);
+        }
+        adamw.step(lr, &mut params, grads, &mut opt);
+        let done = s + 1;
+        (acc_nll, acc_correct, acc_scored) =
+            (acc_nll + nll, acc_correct + correct, acc_scored + n_scored);
+        let mut record = None;
+        if done.is_multiple_of(cfg.logging_steps) || done == plan.total {
+            let mut rec = Map::new();
+            rec.insert("step".into(), done.into());
+            rec.insert("epoch".into(), json_f64(plan.epoch_after(done)));
+            rec.insert("loss".into(), json_f64(acc_nll / acc_scored.max(1) as f64));
+            rec.insert("learning_rate".into(), json_f64(lr));
+            rec.insert("grad_norm".into(), json_f64(grad_norm as f64));
+            rec.insert(
+                "mean_token_accuracy".into(),
+                json_f64(acc_correct / acc_scored.max(1) as f64),
+            );
+            let secs = interval_start.elapsed().as_secs_f64().max(1e-9);
+            rec.insert(
+                "tokens_per_second".into(),
+                json_f64(acc_tokens as f64 / secs),
+            );
+            metrics_file.write(&rec)?;
+            history.push(Value::Object(rec.clone()));
+            record = Some(rec);
+            (acc_nll, acc_correct, acc_scored, acc_tokens) = (0.0, 0.0, 0, 0);
+            interval_start = Instant::now();
+        }
+        on(Event::Step {
+            step: done,
+            loss,
+            record: record.as_ref(),
+        });
+        if cfg.save_steps > 0 && done.is_multiple_of(cfg.save_steps) && done < plan.total {
+            let dir = paths.output.join(format!("checkpoint-{done}"));
+            state::save_checkpoint(
+                &dir,
+                &params,
+                &opt,
+                &model_cfg,
+                &tokenizer_files,
+                &trainer_state(done, &history),
+            )?;
+            state::rotate_checkpoints(&paths.output, cfg.save_total_limit)?;
+            on(Event::Note(format!("saved {}", dir.display())));
+        }
+    }
+
+    // ---- finish -------------------------------------------------------------------------------
+    let final_dir = paths.output.join("final");
+    state::save_checkpoint(
+        &final_dir,
+        &params,
+        &opt,
+        &model_cfg,
+        &tokenizer_files,
+        &trainer_state(plan.total, &history),
+    )?;
+    on(Event::Note(format!("saved {}", final_dir.display())));
+    Ok(TrainSummary {
+        final_dir,
+        steps: plan.total,
+        history,
+    })
+}
