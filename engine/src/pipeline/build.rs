@@ -16,7 +16,8 @@
 //!   (first on equal scores).
 //! - With `sft_fraction`: the prompts of the sources are split, seeded, into an SFT part
 //!   (`round(fraction · prompts)` prompts; rows `{"prompt_id", "prompt", "chosen": [best source
-//!   response]}`, which `sft` and the WRPO row reader accept) and a WRPO part. The split depends
+//!   response]}`: `sft`'s default input, prompt + `chosen[0]`; no `rejected`, so not WRPO rows)
+//!   and a WRPO part. The split depends
 //!   only on the set of source `prompt_id`s and the seed, so the same sources and seed give the
 //!   same split before sampling (to write the prompts to sample) and after (to build the WRPO
 //!   rows).
