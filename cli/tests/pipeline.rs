@@ -244,8 +244,8 @@ fn score_matches_transformers_and_names_bad_rows() {
     );
 }
 
-/// sample (embedded model) → score (fixture reward model) → build-dataset, each step reading the
-/// previous step's output; then the errors and counts of build-dataset.
+/// sample (embedded model) → score (fixture reward model) → build-dataset → train, each step
+/// reading the previous step's output; then the errors and counts of build-dataset.
 #[test]
 fn sample_score_build_dataset_chain() {
     let dir = tmp("chain");
@@ -340,6 +340,30 @@ fn sample_score_build_dataset_chain() {
             !sft_ids.contains(&r["prompt_id"]),
             "SFT prompts stay out of the WRPO rows"
         );
+    }
+    // The WRPO rows train the model that sampled them (two updates) into a valid checkpoint.
+    let train_out = dir.join("train");
+    let o = run(
+        &[
+            "train",
+            "--backend",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "1",
+        ],
+        &[
+            ("--data", &wrpo),
+            ("--output", &train_out),
+            ("--cache-dir", &dir.join("cache")),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(train_out.join("final").join(f).is_file(), "final/{f}");
     }
 
     // Errors: a target row with one sample; a missing score; both named with file:line:field,

@@ -335,6 +335,11 @@ pub fn run_sample<B: Backend>(
     let mut skipped = Vec::new();
     for row in parsed {
         let encoded = row.and_then(|r| match encode_prompt(&tok, &r.text) {
+            Ok(ids) if ids.is_empty() => Err(RowError::at(
+                &path,
+                r.line,
+                ferr("prompt", "encodes to no tokens"),
+            )),
             Ok(ids) => match ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
                 Some(bad) => Err(RowError::at(
                     &path,
