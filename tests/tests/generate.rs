@@ -291,6 +291,12 @@ fn cuda_greedy_decoding_matches_transformers_generate() {
 
 #[test]
 #[ignore = "needs CUDA (run with --ignored on a GPU machine)"]
+fn cuda_kv_cache_logits_equal_the_full_forward() {
+    cache_vs_full::<CudaBackend>(&cuda_device(), "cuda");
+}
+
+#[test]
+#[ignore = "needs CUDA (run with --ignored on a GPU machine)"]
 fn cuda_reward_scores_match_transformers() {
     reward_parity::<CudaBackend>(&cuda_device(), "cuda");
 }
