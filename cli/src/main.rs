@@ -12,7 +12,10 @@ use wrpo_engine_core::dispatch;
 use wrpo_engine_core::logps::{run_logps, LogpsJob};
 use wrpo_engine_core::model::ModelSource;
 
+mod build_dataset;
 mod plot;
+mod sample;
+mod score;
 mod train;
 
 #[derive(Parser)]
@@ -42,6 +45,14 @@ enum Command {
     ///
     /// Without --model, uses the built-in tiny LLaMA and the bundled dataset.
     Logps(LogpsArgs),
+    /// Sample N responses per prompt from a LLaMA (KV cache; temperature, top-p, top-k; seeded).
+    ///
+    /// Without --model: the built-in tiny LLaMA on the bundled dataset's prompts.
+    Sample(Box<sample::SampleCmd>),
+    /// Score (prompt, response) pairs with a LlamaForSequenceClassification reward model.
+    Score(score::ScoreCmd),
+    /// Build WRPO rows (and the SFT split) from scored source responses and target samples.
+    BuildDataset(build_dataset::BuildCmd),
     /// Show which backends this machine can use and what `--backend auto` picks.
     Backends,
     /// Backend benchmarks.
@@ -224,6 +235,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::train(*args, train::Recipe::Train),
         Command::Sft(args) => train::train(*args, train::Recipe::Sft),
         Command::Logps(args) => logps(args),
+        Command::Sample(args) => sample::sample(*args),
+        Command::Score(args) => score::score(args),
+        Command::BuildDataset(args) => build_dataset::build_dataset(args),
         Command::Backends => backends(),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Step(a)) => bench_step(a),
@@ -237,7 +251,7 @@ fn device(choice: BackendChoice) -> Result<Selected> {
     Ok(selected)
 }
 
-fn progress_bar(what: &'static str) -> impl FnMut(usize, usize) {
+fn progress_bar(what: &'static str, unit: &'static str) -> impl FnMut(usize, usize) {
     let tty = std::io::stderr().is_terminal();
     let mut bar: Option<ProgressBar> = None;
     let mut last_pct = usize::MAX;
@@ -246,9 +260,9 @@ fn progress_bar(what: &'static str) -> impl FnMut(usize, usize) {
             let b = bar.get_or_insert_with(|| {
                 let b = ProgressBar::new(total as u64);
                 b.set_style(
-                    ProgressStyle::with_template(
-                        "{msg} [{bar:40}] {pos}/{len} rows, {per_sec}, ETA {eta}",
-                    )
+                    ProgressStyle::with_template(&format!(
+                        "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}"
+                    ))
                     .expect("valid template")
                     .progress_chars("=> "),
                 );
@@ -262,7 +276,7 @@ fn progress_bar(what: &'static str) -> impl FnMut(usize, usize) {
         } else {
             let pct = done * 10 / total.max(1);
             if pct != last_pct || done == total {
-                eprintln!("{what}: {done}/{total} rows");
+                eprintln!("{what}: {done}/{total} {unit}");
                 last_pct = pct;
             }
         }
@@ -285,7 +299,7 @@ fn logps(a: LogpsArgs) -> Result<()> {
     };
     eprintln!("model: {}", job.model.label());
     let selected = device(a.backend.backend)?;
-    let mut bar = progress_bar("logps");
+    let mut bar = progress_bar("logps", "rows");
     let out = dispatch!(selected, B, device => run_logps::<B>(&job, &device, &mut bar))?;
     for e in &out.skipped {
         eprintln!("skipped: {e}");

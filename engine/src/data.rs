@@ -109,10 +109,23 @@ impl fmt::Display for RowError {
 
 impl std::error::Error for RowError {}
 
-/// The failing field (a path such as `chosen[1].role`) and what is wrong.
+/// A problem in one row: (field path, message). [`RowError::at`] adds file and line.
 pub type FieldError = (String, String);
 
-fn ferr(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
+impl RowError {
+    /// A [`FieldError`] located at `path:line`.
+    pub fn at(path: &Path, line: usize, (field, msg): FieldError) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            line,
+            field,
+            msg,
+        }
+    }
+}
+
+/// A [`FieldError`].
+pub fn ferr(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
     (field.into(), msg.into())
 }
 
@@ -175,12 +188,7 @@ pub fn parse_row(v: &Value, line: usize) -> Result<Row, FieldError> {
     let obj = v
         .as_object()
         .ok_or_else(|| ferr("", "a row must be a JSON object"))?;
-    let prompt_id = match obj.get("prompt_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err(ferr("prompt_id", "must be a string")),
-    };
+    let prompt_id = parse_prompt_id(obj.get("prompt_id"))?;
     let body = if obj.contains_key("prompt_input_ids") {
         RowBody::Tokens {
             prompt: ids(obj.get("prompt_input_ids"), "prompt_input_ids", true)?,
@@ -188,28 +196,7 @@ pub fn parse_row(v: &Value, line: usize) -> Result<Row, FieldError> {
             rejected: id_lists(obj.get("rejected_input_ids"), "rejected_input_ids")?,
         }
     } else {
-        let prompt = match obj.get("prompt") {
-            None => return Err(ferr("prompt", "missing")),
-            Some(Value::String(s)) => Text::Plain(s.clone()),
-            Some(m @ Value::Object(_)) => Text::Messages(vec![message(m, "prompt", false)?]),
-            Some(Value::Array(a)) => {
-                if a.is_empty() {
-                    return Err(ferr("prompt", "empty message list"));
-                }
-                Text::Messages(
-                    a.iter()
-                        .enumerate()
-                        .map(|(i, m)| message(m, &format!("prompt[{i}]"), false))
-                        .collect::<Result<_, _>>()?,
-                )
-            }
-            Some(_) => {
-                return Err(ferr(
-                    "prompt",
-                    "must be a string, a message or a list of messages",
-                ))
-            }
-        };
+        let prompt = parse_prompt(obj.get("prompt"))?;
         RowBody::Text {
             prompt,
             chosen: responses(obj.get("chosen"), "chosen")?,
@@ -220,6 +207,42 @@ pub fn parse_row(v: &Value, line: usize) -> Result<Row, FieldError> {
         line,
         prompt_id,
         body,
+    })
+}
+
+/// `prompt_id`: a string or a number (kept as its decimal text); absent or null → `None`.
+pub fn parse_prompt_id(v: Option<&Value>) -> Result<Option<String>, FieldError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(ferr("prompt_id", "must be a string")),
+    }
+}
+
+/// `prompt`: a string, a message, or a non-empty list of messages.
+pub fn parse_prompt(v: Option<&Value>) -> Result<Text, FieldError> {
+    Ok(match v {
+        None => return Err(ferr("prompt", "missing")),
+        Some(Value::String(s)) => Text::Plain(s.clone()),
+        Some(m @ Value::Object(_)) => Text::Messages(vec![message(m, "prompt", false)?]),
+        Some(Value::Array(a)) => {
+            if a.is_empty() {
+                return Err(ferr("prompt", "empty message list"));
+            }
+            Text::Messages(
+                a.iter()
+                    .enumerate()
+                    .map(|(i, m)| message(m, &format!("prompt[{i}]"), false))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        Some(_) => {
+            return Err(ferr(
+                "prompt",
+                "must be a string, a message or a list of messages",
+            ))
+        }
     })
 }
 
@@ -269,31 +292,35 @@ fn responses(v: Option<&Value>, field: &str) -> Result<Vec<Text>, FieldError> {
     }
     a.iter()
         .enumerate()
-        .map(|(i, item)| {
-            let f = format!("{field}[{i}]");
-            match item {
-                Value::String(s) if s.is_empty() => Err(ferr(f, "empty completion")),
-                Value::String(s) => Ok(Text::Plain(s.clone())),
-                Value::Object(_) => {
-                    let m = message(item, &f, true)?;
-                    if m.content.is_empty() {
-                        return Err(ferr(format!("{f}.content"), "empty completion"));
-                    }
-                    Ok(Text::Messages(vec![m]))
-                }
-                Value::Array(ms) if !ms.is_empty() => Ok(Text::Messages(
-                    ms.iter()
-                        .enumerate()
-                        .map(|(j, m)| message(m, &format!("{f}[{j}]"), true))
-                        .collect::<Result<_, _>>()?,
-                )),
-                _ => Err(ferr(
-                    f,
-                    "must be a string, an assistant message or a non-empty list of messages",
-                )),
-            }
-        })
+        .map(|(i, item)| parse_response(item, &format!("{field}[{i}]")))
         .collect()
+}
+
+/// One response at `field`: a non-empty string, an assistant message, or a non-empty list of
+/// assistant messages.
+pub fn parse_response(item: &Value, field: &str) -> Result<Text, FieldError> {
+    let f = field.to_string();
+    match item {
+        Value::String(s) if s.is_empty() => Err(ferr(f, "empty completion")),
+        Value::String(s) => Ok(Text::Plain(s.clone())),
+        Value::Object(_) => {
+            let m = message(item, &f, true)?;
+            if m.content.is_empty() {
+                return Err(ferr(format!("{f}.content"), "empty completion"));
+            }
+            Ok(Text::Messages(vec![m]))
+        }
+        Value::Array(ms) if !ms.is_empty() => Ok(Text::Messages(
+            ms.iter()
+                .enumerate()
+                .map(|(j, m)| message(m, &format!("{f}[{j}]"), true))
+                .collect::<Result<_, _>>()?,
+        )),
+        _ => Err(ferr(
+            f,
+            "must be a string, an assistant message or a non-empty list of messages",
+        )),
+    }
 }
 
 fn ids(v: Option<&Value>, field: &str, allow_empty: bool) -> Result<Vec<u32>, FieldError> {
@@ -351,7 +378,8 @@ pub struct Encoded {
 }
 
 impl Text {
-    fn messages(&self, as_role: &str) -> Vec<Message> {
+    /// The messages of this text; plain text becomes one message of role `as_role`.
+    pub fn messages(&self, as_role: &str) -> Vec<Message> {
         match self {
             Text::Plain(s) => vec![Message {
                 role: as_role.into(),

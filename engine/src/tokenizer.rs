@@ -150,6 +150,19 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
+    /// Decode generated ids to text, dropping special tokens (what `batch_decode(...,
+    /// skip_special_tokens=True)` and vLLM return as a response).
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.tok
+            .decode(ids, true)
+            .map_err(|e| anyhow!("tokenizer: {e}"))
+    }
+
+    /// The id of a token (special or not), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tok.token_to_id(token)
+    }
+
     /// Render `messages` with the chat template, as `apply_chat_template(tokenize=False)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let Some(src) = &self.template else {

@@ -61,14 +61,14 @@ fn list_problems(missing: &[String], unexpected: &[String], wrong: &[String]) ->
     s
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn invalid(path: &Path, msg: impl Into<String>) -> ModelError {
+pub(crate) fn invalid(path: &Path, msg: impl Into<String>) -> ModelError {
     ModelError::Invalid {
         path: path.to_path_buf(),
         msg: msg.into(),
@@ -148,6 +148,24 @@ pub fn load_hf<B: Backend>(
     device: &B::Device,
 ) -> Result<(Llama<B>, LlamaConfig), ModelError> {
     let cfg = load_config(dir)?;
+    let model = load_checked(
+        dir,
+        &param_specs(&cfg),
+        &|name| ignorable(name, &cfg),
+        |get| Llama::build(&cfg, device, &mut |name, _shape| get(name)),
+    )?;
+    Ok((model, cfg))
+}
+
+/// Open the safetensors files of `dir`, check that they hold exactly `specs` (names, shapes,
+/// float dtypes; names for which `ignore` holds may be present too), then call `build` with a
+/// getter of any listed tensor as f32. Every problem is reported at once.
+pub fn load_checked<R>(
+    dir: &Path,
+    specs: &[(String, Vec<usize>)],
+    ignore: &dyn Fn(&str) -> bool,
+    build: impl FnOnce(&mut dyn FnMut(&str) -> Vec<f32>) -> R,
+) -> Result<R, ModelError> {
     let files = weight_files(dir)?;
     let maps = files
         .iter()
@@ -168,9 +186,8 @@ pub fn load_hf<B: Backend>(
             where_.insert(name.to_string(), i);
         }
     }
-    let specs = param_specs(&cfg);
     let (mut missing, mut wrong) = (Vec::new(), Vec::new());
-    for (name, shape) in &specs {
+    for (name, shape) in specs {
         match where_.get(name) {
             None => missing.push(name.clone()),
             Some(&i) => {
@@ -192,7 +209,7 @@ pub fn load_hf<B: Backend>(
     let expected: BTreeSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
     let unexpected: Vec<String> = where_
         .keys()
-        .filter(|n| !expected.contains(n.as_str()) && !ignorable(n, &cfg))
+        .filter(|n| !expected.contains(n.as_str()) && !ignore(n))
         .cloned()
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() || !wrong.is_empty() {
@@ -203,11 +220,10 @@ pub fn load_hf<B: Backend>(
             wrong,
         });
     }
-    let model = Llama::build(&cfg, device, &mut |name, _shape| {
+    Ok(build(&mut |name| {
         let view = tables[where_[name]].tensor(name).expect("validated");
         to_f32(view.dtype(), view.data()).expect("validated dtype")
-    });
-    Ok((model, cfg))
+    }))
 }
 
 /// Write `bytes` to `path` through `path.tmp` + rename.

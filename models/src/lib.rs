@@ -2,7 +2,9 @@
 //!
 //! LLaMA as in transformers' `LlamaForCausalLM`, for Burn: the HF `config.json` type, the modules
 //! (named as in checkpoints: `q_proj`, `gate_proj`, `input_layernorm`, …), RoPE variants, and
-//! loading/saving Hugging Face checkpoint folders (safetensors, sharded or not, f32/f16/bf16).
+//! loading/saving Hugging Face checkpoint folders (safetensors, sharded or not, f32/f16/bf16), the
+//! KV-cache forward for generation ([`generate`]) and `LlamaForSequenceClassification` reward
+//! models ([`reward`]).
 //!
 //! ## Shapes (symbol glossary)
 //! - `B`: batch (sequences), `T`: tokens, `H`: hidden size, `V`: vocabulary size
@@ -11,9 +13,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod llama;
+pub mod reward;
 pub mod rope;
 
 pub use checkpoint::{load_hf, save_hf, ModelError};
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind};
+pub use generate::KvCache;
 pub use llama::{Llama, ParamRef};
+pub use reward::{load_reward_hf, LlamaReward, RewardConfig};

@@ -1,4 +1,5 @@
-//! LLaMA decoder (transformers `LlamaForCausalLM`), training forward without a KV cache.
+//! LLaMA decoder (transformers `LlamaForCausalLM`): the full-sequence forward used by training and
+//! log-probs. The incremental forward with a KV cache (generation) is in [`crate::generate`].
 //!
 //! Module and field names follow the checkpoint names, so `model.layers.3.self_attn.q_proj.weight`
 //! is the field `model.layers[3].self_attn.q_proj.weight` and loading is a plain mapping. Linear
@@ -76,18 +77,52 @@ impl<B: Backend> Attention<B> {
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
     ) -> Tensor<B, 3> {
+        let (cos, sin) = (cos.clone().unsqueeze::<4>(), sin.clone().unsqueeze::<4>());
+        let (q, k, v) = self.project(x, &cos, &sin);
+        self.attend(q, k, v, mask)
+    }
+
+    /// Queries, keys and values with RoPE applied to queries and keys.
+    ///
+    /// # Shapes
+    /// - `x`: `[B, T, H]`; `cos`, `sin`: broadcastable to `[B, 1, T, HD]`
+    /// - returns (`[B, NH, T, HD]`, `[B, NKV, T, HD]`, `[B, NKV, T, HD]`)
+    pub fn project(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = rope::apply(heads(self.q_proj.forward(x.clone()), nh), cos, sin); // [B,NH,T,HD]
-        let k = rope::apply(heads(self.k_proj.forward(x.clone()), nkv), cos, sin); // [B,NKV,T,HD]
-        let v = heads(self.v_proj.forward(x), nkv); // [B,NKV,T,HD]
-        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv)); // [B,NH,T,HD]
-        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5); // [B,NH,T,T]
+        let q = rope::apply4(heads(self.q_proj.forward(x.clone()), nh), cos, sin);
+        let k = rope::apply4(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
+        let v = heads(self.v_proj.forward(x), nkv);
+        (q, k, v)
+    }
+
+    /// Scaled dot-product attention of `q` over `k`/`v`, then the output projection.
+    ///
+    /// # Shapes
+    /// - `q`: `[B, NH, S, HD]`; `k`, `v`: `[B, NKV, T, HD]`; `mask`: `[B, 1, S, T]` (true = not
+    ///   attended)
+    /// - returns `[B, S, H]`
+    pub fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
+        let [b, nh, s, hd] = q.dims();
+        let n = nh / self.num_kv_heads;
+        let (k, v) = (repeat_kv(k, n), repeat_kv(v, n)); // [B,NH,T,HD]
+        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5); // [B,NH,S,T]
                                                                            // Masked scores get the most negative f32, like transformers' eager additive mask, so a
-                                                                           // row with no visible key (never the case with right padding) stays finite.
+                                                                           // row with no visible key (a left-padding query of the KV-cache path) stays finite.
         let probs = softmax(scores.mask_fill(mask, f32::MIN), 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, nh * hd]);
         self.o_proj.forward(out)
     }
 }
@@ -185,6 +220,18 @@ impl<B: Backend> ParamRef<'_, B> {
 
 /// Checkpoint tensor names and shapes for a configuration, in a stable order.
 pub fn param_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let mut v = body_param_specs(cfg);
+    if !cfg.tie_word_embeddings {
+        v.push((
+            "lm_head.weight".to_string(),
+            vec![cfg.vocab_size, cfg.hidden_size],
+        ));
+    }
+    v
+}
+
+/// The decoder stack's tensors (`model.*`, no head), in [`param_specs`] order.
+pub fn body_param_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let mut v = vec![(
         "model.embed_tokens.weight".to_string(),
@@ -215,9 +262,6 @@ pub fn param_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
     }
     v.push(("model.norm.weight".to_string(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-    }
     v
 }
 
@@ -237,6 +281,22 @@ impl<B: Backend> Llama<B> {
 
     /// Build a model from flat device tensors: `source(name, shape)` returns `[numel]` (the
     /// trainer keeps its parameters flat and rebuilds the module for each step at no copy cost).
+    pub fn build_from(
+        cfg: &LlamaConfig,
+        source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>,
+    ) -> Self {
+        let model = LlamaModel::build_from(cfg, source);
+        let lm_head = (!cfg.tie_word_embeddings).then(|| HfLinear {
+            weight: param(source, "lm_head.weight", [cfg.vocab_size, cfg.hidden_size]),
+        });
+        Llama { model, lm_head }
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Build the decoder stack (`model.*` tensors) from flat device tensors, as
+    /// [`Llama::build_from`] (which calls it first, so tensors are requested in
+    /// [`param_specs`] order).
     pub fn build_from(
         cfg: &LlamaConfig,
         source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>,
@@ -307,19 +367,55 @@ impl<B: Backend> Llama<B> {
             weight: param(source, "model.norm.weight", [h]),
             eps: cfg.rms_norm_eps,
         };
-        let lm_head = (!cfg.tie_word_embeddings).then(|| HfLinear {
-            weight: param(source, "lm_head.weight", [cfg.vocab_size, h]),
-        });
-        Llama {
-            model: LlamaModel {
-                embed_tokens,
-                layers,
-                norm,
-            },
-            lm_head,
+        LlamaModel {
+            embed_tokens,
+            layers,
+            norm,
         }
     }
 
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, T]`; `valid`: `[B, T]` (true = real token, right padding)
+    /// - returns `[B, T, H]`
+    pub fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        valid: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        let [b, t] = input_ids.dims();
+        let device = input_ids.device();
+        let (cos, sin) = rope::tables::<B>(cfg, t, &device);
+        // Causal (key after query) or padded key → not attended.
+        // Built on the host: `causal[q][k] = k > q` (Burn's tri masks mark the kept part instead).
+        let causal: Vec<bool> = (0..t * t).map(|i| i % t > i / t).collect();
+        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [t, t]), &device)
+            .unsqueeze::<4>(); // [1,1,T,T]
+        let pad = valid.bool_not().reshape([b, 1, 1, t]); // [B,1,1,T]
+        let mask = causal
+            .expand([b, 1, t, t])
+            .bool_or(pad.expand([b, 1, t, t]));
+        let mut x = embedding(self.embed_tokens.val(), input_ids);
+        for layer in &self.layers {
+            let h = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                mask.clone(),
+                &cos,
+                &sin,
+            );
+            x = x + h;
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        self.norm.forward(x)
+    }
+}
+
+impl<B: Backend> Llama<B> {
     /// Call `f(name, param)` for every parameter, in [`param_specs`] order.
     pub fn visit_params(&self, f: &mut dyn FnMut(&str, ParamRef<'_, B>)) {
         let m = &self.model;
@@ -374,7 +470,7 @@ impl<B: Backend> Llama<B> {
         v
     }
 
-    /// Final hidden states (after the last norm).
+    /// Final hidden states (after the last norm): [`LlamaModel::forward`].
     ///
     /// # Shapes
     /// - `input_ids`: `[B, T]`; `valid`: `[B, T]` (true = real token, right padding)
@@ -385,33 +481,7 @@ impl<B: Backend> Llama<B> {
         input_ids: Tensor<B, 2, Int>,
         valid: Tensor<B, 2, Bool>,
     ) -> Tensor<B, 3> {
-        let [b, t] = input_ids.dims();
-        let device = input_ids.device();
-        let (cos, sin) = rope::tables::<B>(cfg, t, &device);
-        // Causal (key after query) or padded key → not attended.
-        // Built on the host: `causal[q][k] = k > q` (Burn's tri masks mark the kept part instead).
-        let causal: Vec<bool> = (0..t * t).map(|i| i % t > i / t).collect();
-        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [t, t]), &device)
-            .unsqueeze::<4>(); // [1,1,T,T]
-        let pad = valid.bool_not().reshape([b, 1, 1, t]); // [B,1,1,T]
-        let mask = causal
-            .expand([b, 1, t, t])
-            .bool_or(pad.expand([b, 1, t, t]));
-        let mut x = embedding(self.model.embed_tokens.val(), input_ids);
-        for layer in &self.model.layers {
-            let h = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                mask.clone(),
-                &cos,
-                &sin,
-            );
-            x = x + h;
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + h;
-        }
-        self.model.norm.forward(x)
+        self.model.forward(cfg, input_ids, valid)
     }
 
     /// The LM head: `[.., H]` → `[.., V]` (tied to the embeddings when `lm_head` is `None`).

@@ -60,13 +60,29 @@ pub fn tables<B: Backend>(
     t: usize,
     device: &B::Device,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let positions: Vec<usize> = (0..t).collect();
+    tables_at(cfg, &positions, device)
+}
+
+/// `cos` and `sin` tables for arbitrary positions (one row per entry of `positions`), e.g. the
+/// per-row positions of a left-padded batch.
+///
+/// # Shapes
+/// - returns (`[N, HD]`, `[N, HD]`), `N = positions.len()`
+pub fn tables_at<B: Backend>(
+    cfg: &LlamaConfig,
+    positions: &[usize],
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let inv = inv_freq(cfg);
     let hd = cfg.head_dim;
-    let mut cos = Vec::with_capacity(t * hd);
-    let mut sin = Vec::with_capacity(t * hd);
-    for p in 0..t {
+    let n = positions.len();
+    let mut cos = Vec::with_capacity(n * hd);
+    let mut sin = Vec::with_capacity(n * hd);
+    for &p in positions {
         for _half in 0..2 {
             for f in &inv {
+                // transformers: `inv_freq @ position_ids` in f32, one product per entry.
                 let angle = f * p as f32;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
@@ -74,8 +90,8 @@ pub fn tables<B: Backend>(
         }
     }
     (
-        Tensor::from_data(TensorData::new(cos, [t, hd]), device),
-        Tensor::from_data(TensorData::new(sin, [t, hd]), device),
+        Tensor::from_data(TensorData::new(cos, [n, hd]), device),
+        Tensor::from_data(TensorData::new(sin, [n, hd]), device),
     )
 }
 
@@ -84,14 +100,25 @@ pub fn tables<B: Backend>(
 /// # Shapes
 /// - `x`: `[B, NH, T, HD]`; `cos`, `sin`: `[T, HD]`; returns `[B, NH, T, HD]`
 pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    apply4(
+        x,
+        &cos.clone().unsqueeze::<4>(),
+        &sin.clone().unsqueeze::<4>(),
+    )
+}
+
+/// [`apply`] with tables already broadcastable to `x`: `[1, 1, T, HD]` (shared positions) or
+/// `[B, 1, T, HD]` (per-row positions).
+///
+/// # Shapes
+/// - `x`: `[B, NH, T, HD]`; returns `[B, NH, T, HD]`
+pub fn apply4<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
     let [_, _, _, hd] = x.dims();
     let half = hd / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    x * cos + rotated * sin
+    x * cos.clone() + rotated * sin.clone()
 }
 
 #[cfg(test)]

@@ -1,0 +1,280 @@
+//! Incremental forward with a KV cache, for generation.
+//!
+//! Batched prompts of different lengths are **left-padded**: every row's last prompt token sits
+//! in the last column, so each decode step appends one column to every row at once. A token's
+//! RoPE position is the number of real tokens before it in its row (transformers' `generate`:
+//! `position_ids = attention_mask.cumsum(-1) − 1`), so a padded row sees the same positions as
+//! the prompt run alone; padded keys are masked for every query. Keys are cached after RoPE,
+//! values as projected, per layer, as `[B, NKV, Tc, HD]`; a step concatenates the new columns
+//! (simple, and the copy is small next to the matmuls of a real model; a preallocated cache is a
+//! later optimisation).
+//!
+//! The specification of this path is the full forward ([`Llama::forward`]): at every step the
+//! cached logits equal the full forward's logits of the unpadded sequence (tested below and in
+//! `tests/tests/generate.rs`).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::module::embedding;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::llama::Llama;
+use crate::rope;
+
+/// Per-layer keys and values of the tokens seen so far, with each row's key validity and
+/// position counter.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Per layer: keys after RoPE and values, `[B, NKV, Tc, HD]`; `None` before the first step.
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// `valid[b][j]`: column `j` of row `b` is a real token (host copy, `[B][Tc]`).
+    valid: Vec<Vec<bool>>,
+    /// Real tokens seen per row: the position of the row's next real token.
+    seen: Vec<usize>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `batch` rows.
+    pub fn new(cfg: &LlamaConfig, batch: usize) -> Self {
+        Self {
+            layers: vec![None; cfg.num_layers],
+            valid: vec![Vec::new(); batch],
+            seen: vec![0; batch],
+        }
+    }
+
+    /// Rows (`B`).
+    pub fn batch(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Cached columns (`Tc`), padding included.
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+
+    /// Whether no column is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Real tokens seen per row (the next token's RoPE position).
+    pub fn positions(&self) -> &[usize] {
+        &self.seen
+    }
+
+    /// Keep the rows `rows`, in this order; an index may repeat. Used to expand one prefilled
+    /// prompt into N samples and to drop finished rows.
+    pub fn select(&mut self, rows: &[usize]) {
+        assert!(
+            rows.iter().all(|&r| r < self.batch()),
+            "KvCache::select: row out of range"
+        );
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let device = k.device();
+            let idx = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+                &device,
+            );
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
+        }
+        self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
+        self.seen = rows.iter().map(|&r| self.seen[r]).collect();
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Final hidden states of `input_ids`, which continue the cached tokens; the cache grows by
+    /// `S` columns.
+    ///
+    /// `valid[b·S + s]` is false at padding (left padding in a prompt batch). Padding gets no
+    /// position and is never attended to.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, S]`; `valid`: `B·S` host flags, row-major
+    /// - returns `[B, S, H]`
+    pub fn hidden_cached(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        valid: &[bool],
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        assert_eq!(
+            b,
+            cache.batch(),
+            "hidden_cached: batch differs from the cache's"
+        );
+        assert_eq!(
+            valid.len(),
+            b * s,
+            "hidden_cached: valid must hold B·S flags"
+        );
+        let device = input_ids.device();
+        let past = cache.len();
+        let total = past + s;
+        // Positions of the new tokens and the grown validity rows.
+        let mut positions = Vec::with_capacity(b * s);
+        for (row, flags) in valid.chunks(s).enumerate() {
+            for &v in flags {
+                positions.push(if v { cache.seen[row] } else { 0 });
+                cache.seen[row] += usize::from(v);
+            }
+            cache.valid[row].extend_from_slice(flags);
+        }
+        // mask[b, 0, i, j]: key j is after query past + i, or padding.
+        let mut mask = Vec::with_capacity(b * s * total);
+        for row in &cache.valid {
+            for i in 0..s {
+                mask.extend((0..total).map(|j| j > past + i || !row[j]));
+            }
+        }
+        let mask =
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, s, total]), &device);
+        let (cos, sin) = rope::tables_at::<B>(cfg, &positions, &device);
+        let hd = cfg.head_dim;
+        let (cos, sin) = (cos.reshape([b, 1, s, hd]), sin.reshape([b, 1, s, hd]));
+        let mut x = embedding(self.model.embed_tokens.val(), input_ids);
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.project(layer.input_layernorm.forward(x.clone()), &cos, &sin);
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            x = x + attn.attend(q, k, v, mask.clone());
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits of the last column only (the next-token distribution of every row; with left
+    /// padding the last column is every row's newest real token).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, S]`; `valid`: `B·S` host flags
+    /// - returns `[B, V]`
+    pub fn forward_cached_last(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        valid: &[bool],
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let [b, s] = input_ids.dims();
+        let hidden = self.hidden_cached(cfg, input_ids, valid, cache);
+        let last = hidden.narrow(1, s - 1, 1);
+        let v = cfg.vocab_size;
+        self.head(last).reshape([b, v])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f32>;
+
+    fn ids(v: Vec<i64>, b: usize, s: usize) -> Tensor<B, 2, Int> {
+        Tensor::from_data(TensorData::new(v, [b, s]), &Default::default())
+    }
+
+    /// Logits of one unpadded sequence by the full forward: `[T][V]`.
+    fn full(model: &Llama<B>, cfg: &LlamaConfig, seq: &[i64]) -> Vec<Vec<f32>> {
+        let t = seq.len();
+        let valid = Tensor::<B, 2, Bool>::from_data(
+            TensorData::new(vec![true; t], [1, t]),
+            &Default::default(),
+        );
+        let logits: Vec<f32> = model
+            .forward(cfg, ids(seq.to_vec(), 1, t), valid)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        logits.chunks(cfg.vocab_size).map(<[f32]>::to_vec).collect()
+    }
+
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Left-padded prefill of prompts of different lengths, then forced tokens one step at a
+    /// time, with a cache expansion (one prompt → two rows) and a compaction on the way: every
+    /// step's logits equal the full forward of the unpadded sequence.
+    #[test]
+    fn cached_logits_equal_the_full_forward_at_every_step() {
+        // GQA (4 heads, 2 kv heads) and llama3 RoPE scaling, so positions matter.
+        let cfg = LlamaConfig::from_json(
+            r#"{"vocab_size":97,"hidden_size":32,"intermediate_size":48,"num_hidden_layers":2,
+                "num_attention_heads":4,"num_key_value_heads":2,"rope_theta":500000.0,
+                "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+                "high_freq_factor":4.0,"original_max_position_embeddings":8}}"#,
+        )
+        .unwrap();
+        let model = Llama::<B>::random(&cfg, 7, 0.3, &Default::default());
+        let prompts: Vec<Vec<i64>> = vec![
+            vec![5, 17, 42, 3, 9],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+            vec![60, 61],
+        ];
+        let t = prompts.iter().map(Vec::len).max().unwrap();
+        let (mut flat, mut valid) = (Vec::new(), Vec::new());
+        for p in &prompts {
+            flat.extend(std::iter::repeat_n(0, t - p.len()).chain(p.iter().copied()));
+            valid.extend((0..t).map(|j| j >= t - p.len()));
+        }
+        let mut cache = KvCache::<B>::new(&cfg, prompts.len());
+        let logits = model.forward_cached_last(&cfg, ids(flat, 3, t), &valid, &mut cache);
+        let mut worst = 0f32;
+        let check = |seqs: &[Vec<i64>], logits: Tensor<B, 2>, worst: &mut f32| {
+            let got: Vec<f32> = logits.into_data().to_vec().unwrap();
+            for (row, seq) in seqs.iter().enumerate() {
+                let want = full(&model, &cfg, seq);
+                let g = &got[row * cfg.vocab_size..(row + 1) * cfg.vocab_size];
+                *worst = worst.max(max_err(g, want.last().unwrap()));
+            }
+        };
+        let mut seqs = prompts.clone();
+        check(&seqs, logits, &mut worst);
+        assert_eq!(cache.positions(), &[5, 9, 2]);
+        // Row 2 becomes two rows (as `sample` expands a prompt into N samples); row 1 is dropped
+        // (as a finished row is).
+        cache.select(&[0, 2, 2]);
+        seqs = vec![seqs[0].clone(), seqs[2].clone(), seqs[2].clone()];
+        for step in 0..6i64 {
+            let next: Vec<i64> = (0..3).map(|r| (step * 13 + r * 29 + 11) % 97).collect();
+            for (s, &n) in seqs.iter_mut().zip(&next) {
+                s.push(n);
+            }
+            let logits = model.forward_cached_last(&cfg, ids(next, 3, 1), &[true; 3], &mut cache);
+            check(&seqs, logits, &mut worst);
+            if step == 2 {
+                cache.select(&[0, 2]);
+                seqs.remove(1);
+                let next: Vec<i64> = vec![4, 5];
+                for (s, &n) in seqs.iter_mut().zip(&next) {
+                    s.push(n);
+                }
+                let logits =
+                    model.forward_cached_last(&cfg, ids(next, 2, 1), &[true; 2], &mut cache);
+                check(&seqs, logits, &mut worst);
+                // Keep three rows for the remaining steps.
+                cache.select(&[0, 1, 1]);
+                seqs.push(seqs[1].clone());
+            }
+        }
+        println!("KV-cache vs full forward: max abs logit error {worst:.3e}");
+        // f32 rounding only (different summation lengths with padding columns masked).
+        assert!(worst < 1e-4, "max abs logit error {worst}");
+    }
+}
