@@ -229,3 +229,96 @@ fn cpu_resume_is_exact() {
     let _ = std::fs::remove_dir_all(&full);
     let _ = std::fs::remove_dir_all(&part);
 }
+
+/// `--precompute-ref` (cached table, second run reads the cache) and `--ref-logps` (the `logps`
+/// command's records) give the trajectory of the on-the-fly reference model.
+#[test]
+fn cpu_precomputed_reference_matches_on_the_fly() {
+    let (case, rows) = CASES[0];
+    let base = tmp("ref-live");
+    let live = run_train::<CpuBackend>(
+        &job(case, rows, &base, TrainArgs::default()),
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let pre = TrainArgs {
+        precompute_ref: Some(true),
+        ..Default::default()
+    };
+    let out = tmp("ref-pre");
+    let mut notes = vec![];
+    let a = run_train::<CpuBackend>(
+        &job(case, rows, &out, pre.clone()),
+        &Default::default(),
+        &mut |e| {
+            if let wrpo_engine_core::train::Event::Note(n) = e {
+                notes.push(n)
+            }
+        },
+    )
+    .unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("computed for 12 rows")),
+        "{notes:?}"
+    );
+    let mut again = job(case, rows, &out, pre);
+    again.paths.output = out.join("again");
+    let mut notes2 = vec![];
+    let b = run_train::<CpuBackend>(&again, &Default::default(), &mut |e| {
+        if let wrpo_engine_core::train::Event::Note(n) = e {
+            notes2.push(n)
+        }
+    })
+    .unwrap();
+    assert!(
+        notes2.iter().any(|n| n.contains("cached")),
+        "second run reads the cache: {notes2:?}"
+    );
+    // --ref-logps: the logps command's contract, one record per row.
+    let logps_job = wrpo_engine_core::logps::LogpsJob {
+        model: wrpo_engine_core::model::ModelSource::Dir(fixtures().join("llama-tied")),
+        data: Some(fixtures().join("train").join(rows)),
+        batch_size: 2,
+        max_length: Some(1024),
+        max_prompt_length: Some(512),
+        skip_bad_rows: false,
+    };
+    let lp = wrpo_engine_core::logps::run_logps::<CpuBackend>(
+        &logps_job,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let text: String = lp
+        .rows
+        .iter()
+        .map(|(_, r)| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    let file = out.join("ref.jsonl");
+    std::fs::write(&file, text).unwrap();
+    let mut from_file = job(case, rows, &out.join("file"), TrainArgs::default());
+    from_file.paths.ref_logps = Some(file);
+    let c = run_train::<CpuBackend>(&from_file, &Default::default(), &mut |_| {}).unwrap();
+    let losses = |s: &wrpo_engine_core::train::TrainSummary| -> Vec<f64> {
+        s.history
+            .iter()
+            .filter_map(|r| r.get("loss")?.as_f64())
+            .collect()
+    };
+    let want = losses(&live);
+    for (name, got) in [
+        ("precomputed", losses(&a)),
+        ("cached", losses(&b)),
+        ("--ref-logps", losses(&c)),
+    ] {
+        assert_close(
+            &format!("{name} reference: loss"),
+            &got,
+            &want,
+            tol::TRAJECTORY_F32,
+        );
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&out);
+}
