@@ -1,13 +1,18 @@
-//! Criterion benches of the token log-prob op: the fused CubeCL kernel vs the composite reference,
-//! forward + backward, on wgpu (lavapipe on a CPU-only machine) and on the cpu backend. Same cases
-//! as `wrpo-engine bench kernels`, which also reports GB/s, peak memory and parity.
+//! Criterion benches of the token log-prob op and the preference loss: the fused CubeCL kernels vs
+//! the composite references, forward + backward, on wgpu (lavapipe on a CPU-only machine) and on
+//! the cpu backend. Same cases as `wrpo-engine bench kernels`, which also reports GB/s, peak
+//! memory and parity.
 //!
-//! Run: `cargo bench -p wrpo-benches` (set `WRPO_BENCH_SHAPES=N,T,V;N,T,V` to change the cases).
+//! Run: `cargo bench -p wrpo-benches` (set `WRPO_BENCH_SHAPES=N,T,V;N,T,V` to change the log-prob
+//! cases, `WRPO_BENCH_LOSS_ROWS=B` the loss rows; the loss case has K+1 = 2, R = 1).
 
 use burn::backend::Autodiff;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion};
 use wrpo_kernels::logprobs::{token_logprobs, token_logprobs_reference, LogProbBackend};
+use wrpo_kernels::loss::{
+    preference_loss, preference_loss_fused, LossBackend, LossConfig, Objective, PreferenceInputs,
+};
 
 fn shapes() -> Vec<[usize; 3]> {
     std::env::var("WRPO_BENCH_SHAPES")
@@ -63,9 +68,64 @@ fn cases<B: LogProbBackend>(c: &mut Criterion, name: &str, device: &B::Device) {
     }
 }
 
+/// The preference loss (WRPO, α = 0.1, β = 0.01) on `[B, 2]` chosen / `[B, 1]` rejected log-probs.
+fn loss_cases<B: LossBackend>(c: &mut Criterion, name: &str, device: &B::Device) {
+    let b: usize = std::env::var("WRPO_BENCH_LOSS_ROWS")
+        .ok()
+        .map(|s| s.trim().parse().expect("WRPO_BENCH_LOSS_ROWS=B"))
+        .unwrap_or(128);
+    let cfg = LossConfig {
+        objective: Objective::Wrpo,
+        alpha: 0.1,
+        beta: 0.01,
+        label_smoothing: 0.0,
+    };
+    let t = |cols: usize, lo: f64, hi: f64| {
+        Tensor::<B, 2>::random([b, cols], Distribution::Uniform(lo, hi), device)
+    };
+    let (pc, pr) = (t(2, -300.0, -10.0), t(1, -300.0, -10.0));
+    let (rc, rr) = (pc.clone() + t(2, -5.0, 5.0), pr.clone() + t(1, -5.0, 5.0));
+    let (nc, nr) = (t(2, 1.0, 400.0), t(1, 1.0, 400.0));
+    for fused in [true, false] {
+        let id = format!(
+            "{name}/loss_{}/{b}x2x1",
+            if fused { "fused" } else { "composite" }
+        );
+        c.bench_function(&id, |bench| {
+            bench.iter(|| {
+                let lift = |t: &Tensor<B, 2>| Tensor::<Autodiff<B>, 2>::from_inner(t.clone());
+                let (x, y) = (lift(&pc).require_grad(), lift(&pr).require_grad());
+                let inp = PreferenceInputs {
+                    policy_chosen: x.clone(),
+                    policy_rejected: y.clone(),
+                    reference_chosen: lift(&rc),
+                    reference_rejected: lift(&rr),
+                    chosen_tokens: lift(&nc),
+                    rejected_tokens: lift(&nr),
+                };
+                let out = if fused {
+                    preference_loss_fused(&cfg, inp)
+                } else {
+                    preference_loss(&cfg, inp)
+                };
+                let grads = out.loss.backward();
+                let g = (x.grad(&grads), y.grad(&grads));
+                B::sync(device).expect("sync");
+                g
+            })
+        });
+    }
+}
+
 fn kernels(c: &mut Criterion) {
     cases::<burn::backend::NdArray<f32>>(c, "cpu", &Default::default());
     cases::<burn::backend::Wgpu<f32, i32, u32>>(
+        c,
+        "wgpu",
+        &burn::backend::wgpu::WgpuDevice::DefaultDevice,
+    );
+    loss_cases::<burn::backend::NdArray<f32>>(c, "cpu", &Default::default());
+    loss_cases::<burn::backend::Wgpu<f32, i32, u32>>(
         c,
         "wgpu",
         &burn::backend::wgpu::WgpuDevice::DefaultDevice,

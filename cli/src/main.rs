@@ -70,6 +70,7 @@ enum Command {
 enum BenchCommand {
     /// Fused CubeCL token log-probs vs the composite reference on the same backend: forward and
     /// forward + backward medians, effective GB/s against the napkin floor, peak memory, parity.
+    /// Then the same for the preference loss (a separate record: B rows, K+1 = 2, R = 1).
     Kernels(BenchKernelsArgs),
     /// Full WRPO updates (policy + reference forward, loss, backward, clipping, AdamW) of a random
     /// LLaMA: policy tokens/s and peak memory. Compare with `tests/reference/bench_step.py` (same
@@ -136,6 +137,10 @@ struct BenchKernelsArgs {
     /// Seed of the random inputs (default: from the clock; always printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Example rows B of the preference-loss case (K+1 = 2 chosen, R = 1 rejected per row);
+    /// 0 skips it.
+    #[arg(long, default_value_t = 128)]
+    loss_rows: usize,
     /// One JSON record per case on standard output instead of a table.
     #[arg(long)]
     json: bool,
@@ -440,7 +445,7 @@ fn probe_memory(backend: &str, shape: [usize; 3], seed: u64, path: &str) -> Resu
 }
 
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
-    use wrpo_engine_core::bench::{bench_logprobs, peak_memory};
+    use wrpo_engine_core::bench::{bench_logprobs, bench_loss, peak_memory};
     if let Some(path) = &a.memory_probe {
         let selected = select(a.backend.backend)?;
         let [shape] = a.shapes[..] else {
@@ -529,5 +534,34 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
                 .map_or("n/a".to_string(), |m| format!("{m:.3}x"))
         );
     }
+    if a.loss_rows == 0 {
+        return Ok(());
+    }
+    let shape = [a.loss_rows, 2, 1];
+    let r = dispatch!(selected, B, device => bench_loss::<B>(&device, &label, shape, a.warmup, a.reps, seed));
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!();
+    println!(
+        "{:>20} {:>9} {:>12} {:>12} {:>9} {:>11} {:>10} {:>10}",
+        "loss B,K+1,R", "path", "fwd ms", "fwd+bwd ms", "GB/s", "", "loss err", "grad err"
+    );
+    let name = format!("{},{},{}", shape[0], shape[1], shape[2]);
+    for (path, s) in [("fused", &r.fused), ("composite", &r.composite)] {
+        println!(
+            "{:>20} {:>9} {:>12.3} {:>12.3} {:>9.3} {:>11} {:>10.2e} {:>10.2e}",
+            name,
+            path,
+            s.forward_ms,
+            s.forward_backward_ms,
+            s.forward_backward_gbps,
+            "",
+            r.loss_abs_err,
+            r.grad_max_rel_err
+        );
+    }
+    println!("{:>20} fused/composite: time {:.3}x", "", r.time_ratio);
     Ok(())
 }

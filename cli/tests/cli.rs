@@ -330,3 +330,73 @@ fn sft_embedded_default_learns_and_packing_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `bench kernels --json`: one record per log-prob case, then the preference-loss record, each
+/// with its `op`, shape, both paths' timings and the parity errors.
+#[test]
+fn bench_kernels_json_records() {
+    let o = bin()
+        .args([
+            "bench",
+            "kernels",
+            "--backend",
+            "cpu",
+            "--shape",
+            "2,3,11",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--loss-rows",
+            "5",
+            "--seed",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["op"], "token_logprobs");
+    assert_eq!(lines[0]["shape"], serde_json::json!([2, 3, 11]));
+    assert_eq!(lines[1]["op"], "preference_loss");
+    assert_eq!(lines[1]["shape"], serde_json::json!([5, 2, 1]));
+    for l in &lines {
+        assert_eq!(l["seed"], 1);
+        for path in ["fused", "composite"] {
+            assert!(l[path]["forward_ms"].as_f64().unwrap() > 0.0, "{l}");
+            assert!(
+                l[path]["forward_backward_ms"].as_f64().unwrap() > 0.0,
+                "{l}"
+            );
+        }
+        assert!(l["time_ratio"].as_f64().unwrap() > 0.0, "{l}");
+        // cpu: the composite's gradient carries NdArray's approximate SIMD reciprocal (≤ 3.7e-4).
+        assert!(l["grad_max_rel_err"].as_f64().unwrap() < 1e-3, "{l}");
+    }
+    assert!(lines[1]["loss_abs_err"].as_f64().unwrap() < 1e-5);
+    // --loss-rows 0 skips the loss record.
+    let o = bin()
+        .args([
+            "bench",
+            "kernels",
+            "--backend",
+            "cpu",
+            "--shape",
+            "2,3,11",
+            "--reps",
+            "1",
+            "--loss-rows",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
+}

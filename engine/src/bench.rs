@@ -11,6 +11,13 @@
 //! growth of the memory pool's reserved bytes is reported. A fresh pool only grows, so the growth
 //! is the high-water mark of that path's allocations (inputs excluded, its outputs included).
 //! Measuring in the timing process instead would see pages left over from earlier runs.
+//!
+//! The preference loss ([`bench_loss`]) is a separate record: the fused CubeCL loss
+//! (`preference_loss_fused`) against the composite (`preference_loss`) on `[B, K+1, R]`
+//! per-sequence log-probs, forward and forward + backward under autodiff. Its napkin floor is
+//! tiny (the six `[B, ·]` inputs read once per direction, the outputs and gradients written once),
+//! so at trainer sizes both paths are bound by launch latency, not bandwidth; the record still
+//! reports GB/s against that floor. Peak memory is not probed for it (a few KiB).
 
 use std::time::Instant;
 
@@ -18,6 +25,10 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 use wrpo_kernels::logprobs::{token_logprobs, token_logprobs_reference, LogProbBackend};
+use wrpo_kernels::loss::{
+    preference_loss, preference_loss_fused, LossBackend, LossConfig, LossOutput, Objective,
+    PreferenceInputs,
+};
 use wrpo_kernels::IGNORE_INDEX;
 
 /// Memory statistics where the backend has a pool to ask.
@@ -278,7 +289,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Time full WRPO updates (policy forward + reference forward + loss + backward + global clipping +
 /// AdamW) of a random LLaMA on random tokens: `warmup` untimed, then `steps` timed.
-pub fn bench_step<B: LogProbBackend + MemoryProbe>(
+pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     device: &B::Device,
     backend: &str,
     shape: StepShape,
@@ -361,5 +372,173 @@ pub fn bench_step<B: LogProbBackend + MemoryProbe>(
         step_ms_median: med * 1e3,
         tokens_per_second: (3 * shape.batch * shape.seq) as f64 / med,
         peak_mb: peak.map(|b| b as f64 / (1024.0 * 1024.0)),
+    }
+}
+
+/// The preference-loss case: both paths on one `[B, K+1, R]` shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct LossRecord {
+    /// Always `preference_loss`.
+    pub op: &'static str,
+    /// The backend, as printed by `--backend`.
+    pub backend: String,
+    /// `[B, K+1, R]`: example rows, chosen columns, rejected columns.
+    pub shape: [usize; 3],
+    /// Seed of the random inputs.
+    pub seed: u64,
+    /// The CubeCL kernels (the composite defaults on backends without them).
+    pub fused: PathStats,
+    /// `preference_loss` (plain Burn ops) under Burn's autodiff.
+    pub composite: PathStats,
+    /// fused / composite, forward + backward time.
+    pub time_ratio: f64,
+    /// |fused − composite| of the mean loss.
+    pub loss_abs_err: f64,
+    /// Max |fused − composite| of both policy gradients, relative to max |composite gradient|.
+    /// On cpu this is mostly the composite's own error: NdArray's `simd` reciprocal (x86
+    /// `rcp_ps`, relative error ≤ 1.5·2⁻¹²) inside Burn's `log_sigmoid` backward (see the loss
+    /// parity tests); the fused path there is the closed-form composite backward.
+    pub grad_max_rel_err: f64,
+}
+
+/// The loss settings of the benchmark: WRPO with the authors' defaults (α = 0.1, β = 0.01).
+fn loss_config() -> LossConfig {
+    LossConfig {
+        objective: Objective::Wrpo,
+        alpha: 0.1,
+        beta: 0.01,
+        label_smoothing: 0.0,
+    }
+}
+
+/// Random per-sequence log-probs for `[B, K+1, R]`: policy `~ −U(10, 300)`, reference = policy
+/// + U(−5, 5) (margins of a few nats), token counts in `1..=400`.
+fn loss_inputs<B: Backend>(
+    device: &B::Device,
+    [b, k1, r]: [usize; 3],
+    seed: u64,
+) -> PreferenceInputs<B> {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x1055);
+    let mut side = |cols: usize| {
+        let n = b * cols;
+        let policy: Vec<f32> = (0..n).map(|_| -rng.random_range(10.0..300.0f32)).collect();
+        let reference = policy
+            .iter()
+            .map(|p| p + rng.random_range(-5.0..5.0f32))
+            .collect();
+        let tokens = (0..n).map(|_| rng.random_range(1..=400) as f32).collect();
+        let t = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [b, cols]), device);
+        (t(policy), t(reference), t(tokens))
+    };
+    let (policy_chosen, reference_chosen, chosen_tokens) = side(k1);
+    let (policy_rejected, reference_rejected, rejected_tokens) = side(r);
+    PreferenceInputs {
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        chosen_tokens,
+        rejected_tokens,
+    }
+}
+
+/// One forward + backward of the mean loss through the fused entry or the composite under
+/// autodiff. Returns (`loss [1]`, `d policy_chosen [B, K+1]`, `d policy_rejected [B, R]`).
+fn loss_forward_backward<B: LossBackend>(
+    cfg: &LossConfig,
+    x: &PreferenceInputs<B>,
+    fused: bool,
+) -> (Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 2>) {
+    let lift = |t: &Tensor<B, 2>| Tensor::<Autodiff<B>, 2>::from_inner(t.clone());
+    let pc = lift(&x.policy_chosen).require_grad();
+    let pr = lift(&x.policy_rejected).require_grad();
+    let inp = PreferenceInputs {
+        policy_chosen: pc.clone(),
+        policy_rejected: pr.clone(),
+        reference_chosen: lift(&x.reference_chosen),
+        reference_rejected: lift(&x.reference_rejected),
+        chosen_tokens: lift(&x.chosen_tokens),
+        rejected_tokens: lift(&x.rejected_tokens),
+    };
+    let out = if fused {
+        preference_loss_fused(cfg, inp)
+    } else {
+        preference_loss(cfg, inp)
+    };
+    let grads = out.loss.backward();
+    (
+        out.loss.inner(),
+        pc.grad(&grads).expect("policy_chosen gradient"),
+        pr.grad(&grads).expect("policy_rejected gradient"),
+    )
+}
+
+/// Run the loss case. `reps` timed runs after `warmup` untimed ones, per path and direction.
+pub fn bench_loss<B: LossBackend>(
+    device: &B::Device,
+    backend: &str,
+    [b, k1, r]: [usize; 3],
+    warmup: usize,
+    reps: usize,
+    seed: u64,
+) -> LossRecord {
+    let cfg = loss_config();
+    let x = loss_inputs::<B>(device, [b, k1, r], seed);
+    let forward = |fused: bool| -> LossOutput<B> {
+        if fused {
+            preference_loss_fused(&cfg, x.clone())
+        } else {
+            preference_loss(&cfg, x.clone())
+        }
+    };
+    // Floor of forward + backward: the six inputs read in each direction, the forward's loss and
+    // rewards (4·B + B·R) and the gradients (B·(K+1) + B·R) written once; 4 bytes each.
+    let inputs = 3 * b * (k1 + r);
+    let floor_bytes = 4.0 * (2 * inputs + 4 * b + b * r + b * (k1 + r)) as f64;
+    let stats = |fused: bool| -> PathStats {
+        let time = |f: &dyn Fn()| -> f64 {
+            for _ in 0..warmup {
+                f();
+            }
+            sync::<B>(device);
+            median(
+                (0..reps)
+                    .map(|_| {
+                        let start = Instant::now();
+                        f();
+                        sync::<B>(device);
+                        start.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            )
+        };
+        let forward_ms = time(&|| drop(forward(fused)));
+        let forward_backward_ms = time(&|| drop(loss_forward_backward(&cfg, &x, fused)));
+        PathStats {
+            forward_ms,
+            forward_backward_ms,
+            forward_backward_gbps: floor_bytes / (forward_backward_ms * 1e-3) / 1e9,
+            peak_bytes: None,
+        }
+    };
+    let fused = stats(true);
+    let composite = stats(false);
+    let (lf, cf, rf) = loss_forward_backward(&cfg, &x, true);
+    let (lc, cc, rc) = loss_forward_backward(&cfg, &x, false);
+    let max = |t: Tensor<B, 2>| t.abs().max().into_scalar().elem::<f64>();
+    let loss_abs_err = (lf - lc).abs().into_scalar().elem::<f64>();
+    let grad_scale = max(cc.clone()).max(max(rc.clone())).max(f64::MIN_POSITIVE);
+    let grad_max_rel_err = max(cf - cc).max(max(rf - rc)) / grad_scale;
+    LossRecord {
+        op: "preference_loss",
+        backend: backend.to_string(),
+        shape: [b, k1, r],
+        seed,
+        time_ratio: fused.forward_backward_ms / composite.forward_backward_ms,
+        fused,
+        composite,
+        loss_abs_err,
+        grad_max_rel_err,
     }
 }

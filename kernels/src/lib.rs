@@ -13,6 +13,8 @@
 
 pub mod logprobs;
 pub mod loss;
+#[cfg(test)]
+mod test_util;
 
 /// Label value that marks a position as not scored (prompt or padding), as in PyTorch's
 /// `CrossEntropyLoss(ignore_index=-100)` and TRL's `label_pad_token_id`.

@@ -238,7 +238,7 @@ fn unit_vocab_stride<R: CubeRuntime>(logits: CubeTensor<R>) -> CubeTensor<R> {
 
 /// Output buffer. In this crate's tests it is filled with NaN first, so an element the kernel
 /// fails to write is caught by the parity checks ("poisoned outputs").
-fn output<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
+pub(crate) fn output<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
     let (client, device, dtype) = (like.client.clone(), like.device.clone(), like.dtype);
     if cfg!(test) {
         burn_cubecl::ops::numeric::full_device_dtype(
@@ -346,7 +346,7 @@ pub(crate) fn backward<R: CubeRuntime>(
     dlogits
 }
 
-fn cast_like<R: CubeRuntime>(tensor: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+pub(crate) fn cast_like<R: CubeRuntime>(tensor: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
     if tensor.dtype == dtype {
         tensor
     } else {

@@ -40,7 +40,7 @@ use burn::tensor::{
 use crate::IGNORE_INDEX;
 
 mod backward;
-mod kernel;
+pub(crate) mod kernel;
 pub mod reference;
 #[cfg(test)]
 mod tests;

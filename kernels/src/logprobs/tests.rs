@@ -12,68 +12,15 @@
 //! `WRPO_TEST_SEED` to replay); kernel outputs are NaN-filled before launch under `cfg(test)`
 //! (see `kernel::output`), so an unwritten element fails the comparison.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::kernel::{address_type_for_len, logit_offset};
 use super::*;
-
-// ---------------------------------------------------------------------------------------------
-// Tolerances: |got − want| ≤ atol + rtol·|want|, elementwise.
-
-/// An absolute + relative tolerance.
-#[derive(Debug, Clone, Copy)]
-struct Tol {
-    atol: f64,
-    rtol: f64,
-}
-
-/// fp32, the STYLE starting point; used for every fp32 comparison here, without loosening.
-const FP32: Tol = Tol {
-    atol: 1e-5,
-    rtol: 5e-4,
-};
+use crate::test_util::{base_seed, check, host, to_f64, Errors, Rng, FP32};
 
 // ---------------------------------------------------------------------------------------------
 // Inputs.
-
-/// The run's base seed: `WRPO_TEST_SEED` if set, else the clock. Printed by every test.
-fn base_seed() -> u64 {
-    match std::env::var("WRPO_TEST_SEED") {
-        Ok(s) => s.trim().parse().expect("WRPO_TEST_SEED must be a u64"),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x5eed),
-    }
-}
-
-/// SplitMix64: small, seedable, good enough for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u = self.uniform().max(1e-300);
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n
-    }
-}
 
 /// One test shape.
 #[derive(Debug, Clone, Copy)]
@@ -170,75 +117,6 @@ fn expected(case: Case, inp: &Inputs) -> Expected {
         sums,
         dlogits,
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Comparison.
-
-/// Largest errors of one comparison.
-#[derive(Debug, Clone, Copy)]
-struct Errors {
-    max_abs: f64,
-    max_rel: f64,
-}
-
-/// Compare elementwise; on failure panic with the count of bad elements, the worst index (in
-/// `dims` coordinates) and both values there. Non-finite `got` always fails.
-fn check(what: &str, got: &[f32], want: &[f64], dims: &[usize], tol: Tol) -> Errors {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    assert_eq!(got.len(), dims.iter().product::<usize>(), "{what}: dims");
-    let (mut bad, mut worst, mut worst_excess) = (0usize, None, f64::NEG_INFINITY);
-    let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let g = g as f64;
-        let err = (g - w).abs();
-        let allowed = tol.atol + tol.rtol * w.abs();
-        let excess = if g.is_finite() {
-            err - allowed
-        } else {
-            f64::INFINITY
-        };
-        if excess > 0.0 {
-            bad += 1;
-        }
-        if excess > worst_excess {
-            worst_excess = excess;
-            worst = Some(i);
-        }
-        if g.is_finite() {
-            max_abs = max_abs.max(err);
-            max_rel = max_rel.max(err / w.abs().max(tol.atol));
-        }
-    }
-    if bad > 0 {
-        let i = worst.expect("a worst element");
-        let mut idx = vec![0; dims.len()];
-        let mut rest = i;
-        for (k, d) in dims.iter().enumerate().rev() {
-            idx[k] = rest % d;
-            rest /= d;
-        }
-        panic!(
-            "{what}: {bad} of {} elements outside atol {:e} + rtol {:e}; worst at {idx:?}: got {}, want {}",
-            got.len(),
-            tol.atol,
-            tol.rtol,
-            got[i],
-            want[i]
-        );
-    }
-    Errors { max_abs, max_rel }
-}
-
-fn to_f64(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
-
-fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 tensor data")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,13 +15,48 @@
 //!   `h_r = α·Δ̄_s + (1−α)·Δ̄_wt − Δ̄_l_r`, `ℓ = (h_r − 1/(2β))²`; IPO is α = 0.
 //!
 //! The loss is the mean of `ℓ` over the R rejected responses and the B examples. Every step is
-//! computed in the tensor's float dtype (f32); softplus is the stable `max(x,0) + log1p(e^−|x|)`
-//! (Burn's `activation::softplus` overflows for large inputs).
+//! computed in the tensor's float dtype (f32); softplus is stable for any argument ([`softplus`]
+//! through Burn's `log_sigmoid` in the composites, `max(x,0) + log1p(e^−|x|)` in the kernel;
+//! Burn's `activation::softplus` overflows for large inputs).
+//!
+//! # Gradient (closed form; what [`LossBackend::preference_loss_backward`] computes)
+//! Write every objective as a per-column *score* `s` (WRPO: `Δ`; SimPO: `log π/|y|`; IPO:
+//! `Δ/|y|`), `w = α·s_src + (1−α)·s_wt` with `s_src = mean_k s_ws_k` (`= s_wt` when K + 1 = 1),
+//! `d_r = w − s_l_r`, and the row loss `L_b = mean_r ℓ(d_r)`. With `softplus' = σ`:
+//! - WRPO / SimPO: `z = β·d − γ` (γ = 0 for WRPO), `ℓ'(d) = β·(ε·σ(z) − (1−ε)·σ(−z))`;
+//! - IPO: `ℓ'(d) = 2·(d − 1/(2β))`.
+//!
+//! For an upstream gradient `g_b` of `L_b`: `D_b = (g_b/R)·Σ_r ℓ'(d_r)`;
+//! `∂/∂s_l_r = −(g_b/R)·ℓ'(d_r)`, `∂/∂s_wt = (1−α)·D_b` (plus `α·D_b` when K + 1 = 1: the target
+//! is then also the source), `∂/∂s_ws_k = α·D_b/K`; and `∂s/∂log π_θ = 1` (WRPO) or `1/|y|`
+//! (SimPO, IPO). Reference log-probs and token counts get no gradient. At `d = 0` (policy =
+//! reference, the first step) WRPO's gradient is `−β/2·g_b/R·(…)`, σ(0) = ½.
+//!
+//! # Tiers (each the oracle of the next)
+//! - [`preference_loss`]: plain Burn tensor ops differentiated by Burn's autodiff — the
+//!   specification, the trainer's path today and the test oracle.
+//! - [`mod@reference`]: the same forward per row plus the closed-form backward above, as tensor
+//!   ops: the default (composite) implementation of [`LossBackend`], used by NdArray.
+//! - `kernel`: the fused CubeCL kernels, one `#[cube]` source for every CubeCL runtime (CUDA and
+//!   WGPU): one unit per example row, looping over the K + 1 chosen and R rejected columns.
+//! - `backward`: [`LossBackend`] for `Autodiff<B>`: the inner backend's forward plus a custom
+//!   backward node (parents: the two policy tensors) that calls `B::preference_loss_backward`.
+//!
+//! [`preference_loss_fused`] is the entry through [`LossBackend`], with the inputs and outputs of
+//! [`preference_loss`]. Backends: as for the log-probs op (see [`crate::logprobs`]), the trait is
+//! implemented for `CubeBackend<R, F, I, BT>`, `Autodiff<B, C>` and NdArray, not for Burn's fusion
+//! wrapper (the workspace builds Burn without `fusion`).
 //!
 //! # Shapes
 //! - `B`: examples, `K + 1`: chosen columns (sources, then the target), `R`: rejected columns
 
 use burn::tensor::{backend::Backend, Tensor};
+
+mod backward;
+mod kernel;
+pub mod reference;
+#[cfg(test)]
+mod tests;
 
 /// Which preference objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,6 +124,116 @@ pub struct LossOutput<B: Backend> {
     pub rejected_rewards: Tensor<B, 2>,
 }
 
+/// Per-row results of [`LossBackend::preference_loss_forward`].
+#[derive(Debug, Clone)]
+pub struct RowLoss<B: Backend> {
+    /// Row loss `L_b = mean_r ℓ_{b,r}`, `[B]` (the only differentiable output under `Autodiff`).
+    pub loss: Tensor<B, 1>,
+    /// Weighted chosen reward `α·r_s + (1−α)·r_wt`, `[B]`.
+    pub chosen_rewards: Tensor<B, 1>,
+    /// Mean source reward `r_s`, `[B]`.
+    pub source_rewards: Tensor<B, 1>,
+    /// Target reward `r_wt`, `[B]`.
+    pub target_rewards: Tensor<B, 1>,
+    /// Rejected rewards, `[B, R]`.
+    pub rejected_rewards: Tensor<B, 2>,
+}
+
+/// Gradients of [`LossBackend::preference_loss_backward`] w.r.t. the policy log-probs.
+#[derive(Debug, Clone)]
+pub struct PolicyGrads<B: Backend> {
+    /// `∂/∂policy_chosen`, `[B, K+1]`.
+    pub policy_chosen: Tensor<B, 2>,
+    /// `∂/∂policy_rejected`, `[B, R]`.
+    pub policy_rejected: Tensor<B, 2>,
+}
+
+/// Backend extension: the preference loss per example row, and its closed-form gradient.
+///
+/// The default methods are the composite reference ([`reference::forward`],
+/// [`reference::backward`]); CubeCL backends override them with the fused kernels and `Autodiff`
+/// overrides the forward to register a custom backward. The methods take and return `Tensor`s
+/// (not primitives) because the inputs already travel as the [`PreferenceInputs`] struct.
+pub trait LossBackend: Backend {
+    /// Row losses and rewards (β-scaled scores; see [`LossOutput`]).
+    ///
+    /// # Shapes
+    /// - inputs: see [`PreferenceInputs`] (`[B, K+1]` and `[B, R]`)
+    /// - returns `loss [B]`, `chosen/source/target_rewards [B]`, `rejected_rewards [B, R]`
+    fn preference_loss_forward(cfg: &LossConfig, x: PreferenceInputs<Self>) -> RowLoss<Self> {
+        reference::forward(cfg, x)
+    }
+
+    /// Gradient of `Σ_b grad[b]·L_b` w.r.t. the policy log-probs (module docs, "Gradient").
+    ///
+    /// # Shapes
+    /// - inputs: see [`PreferenceInputs`]; `grad`: `[B]` (upstream gradient of the row losses)
+    /// - returns `policy_chosen [B, K+1]`, `policy_rejected [B, R]`
+    fn preference_loss_backward(
+        cfg: &LossConfig,
+        x: PreferenceInputs<Self>,
+        grad: Tensor<Self, 1>,
+    ) -> PolicyGrads<Self> {
+        reference::backward(cfg, x, grad)
+    }
+}
+
+/// NdArray (the `cpu` backend) uses the composite reference for both directions.
+impl<E, I, Q> LossBackend for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+{
+}
+
+/// The preference loss through [`LossBackend`] (fused on CubeCL backends, composite elsewhere):
+/// the same inputs and outputs as [`preference_loss`]. Under `Autodiff` the mean loss is
+/// differentiable w.r.t. the two policy tensors and its backward calls
+/// `B::preference_loss_backward`; the rewards are constants (as `preference_loss`'s detached ones).
+///
+/// # Shapes
+/// - inputs: see [`PreferenceInputs`]; returns `loss [1]` and the rewards of [`LossOutput`]
+pub fn preference_loss_fused<B: LossBackend>(
+    cfg: &LossConfig,
+    x: PreferenceInputs<B>,
+) -> LossOutput<B> {
+    check_shapes(&x);
+    let rows = B::preference_loss_forward(cfg, x);
+    LossOutput {
+        loss: rows.loss.mean(),
+        chosen_rewards: rows.chosen_rewards,
+        source_rewards: rows.source_rewards,
+        target_rewards: rows.target_rewards,
+        rejected_rewards: rows.rejected_rewards,
+    }
+}
+
+/// Panics unless the six inputs are `[B, K+1]` / `[B, R]` with `K + 1 ≥ 1`, `R ≥ 1`.
+/// Returns `[B, K+1, R]`.
+pub(crate) fn check_shapes<B: Backend>(x: &PreferenceInputs<B>) -> [usize; 3] {
+    let [b, k1] = x.policy_chosen.dims();
+    let [b2, r] = x.policy_rejected.dims();
+    assert!(k1 >= 1, "chosen needs at least the target column");
+    assert!(r >= 1, "at least one rejected response per row");
+    assert_eq!(b, b2, "chosen and rejected must have the same rows");
+    for (name, t, want) in [
+        ("reference_chosen", &x.reference_chosen, [b, k1]),
+        ("chosen_tokens", &x.chosen_tokens, [b, k1]),
+        ("reference_rejected", &x.reference_rejected, [b, r]),
+        ("rejected_tokens", &x.rejected_tokens, [b, r]),
+    ] {
+        assert_eq!(
+            t.dims(),
+            want,
+            "{name} must match the policy log-probs' shape"
+        );
+    }
+    [b, k1, r]
+}
+
 /// `softplus(x) = log(1 + eˣ) = −log σ(−x)`, stable for any x, with the exact gradient σ(x)
 /// everywhere — including x = 0, the margin of every row at the first step (policy = reference).
 /// (`max(x, 0) + log1p(e^−|x|)` has the right value but autodiff gives it gradient 1 instead of
@@ -100,25 +245,41 @@ pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// Composite reference of the preference loss (plain tensor ops: autodiff gives the gradient).
 /// Rewards are `β·Δ` (WRPO), `(β/|y|)·log π` (SimPO), `β·Δ̄` (IPO).
 pub fn preference_loss<B: Backend>(cfg: &LossConfig, x: PreferenceInputs<B>) -> LossOutput<B> {
+    let p = pieces(cfg, x);
+    let beta = cfg.beta;
+    let [b, _] = p.weighted.dims();
+    let loss = p.per.mean().reshape([1]);
+    let flat = |t: Tensor<B, 2>| (t * beta).reshape([b]);
+    LossOutput {
+        loss,
+        chosen_rewards: flat(p.weighted.detach()),
+        source_rewards: flat(p.source.detach()),
+        target_rewards: flat(p.target.detach()),
+        rejected_rewards: p.rejected.detach() * beta,
+    }
+}
+
+/// The composite's intermediates, shared by [`preference_loss`] and [`reference::forward`].
+pub(crate) struct Pieces<B: Backend> {
+    /// Per-pair loss ℓ, `[B, R]`.
+    pub(crate) per: Tensor<B, 2>,
+    /// `α·s_src + (1−α)·s_wt`, `[B, 1]` (unscaled scores, see the module docs).
+    pub(crate) weighted: Tensor<B, 2>,
+    /// `s_src`, `[B, 1]`.
+    pub(crate) source: Tensor<B, 2>,
+    /// `s_wt`, `[B, 1]`.
+    pub(crate) target: Tensor<B, 2>,
+    /// `s_l`, `[B, R]`.
+    pub(crate) rejected: Tensor<B, 2>,
+}
+
+/// Scores, their α-blend and the per-pair loss, as plain tensor ops.
+pub(crate) fn pieces<B: Backend>(cfg: &LossConfig, x: PreferenceInputs<B>) -> Pieces<B> {
     let [b, k1] = x.policy_chosen.dims();
     let [_, r] = x.policy_rejected.dims();
     assert!(k1 >= 1, "chosen needs at least the target column");
     let (alpha, beta) = (cfg.alpha, cfg.beta);
-    // Per-sequence scores whose weighted difference is the margin.
-    let (chosen, rejected) = match cfg.objective {
-        Objective::Wrpo => (
-            x.policy_chosen - x.reference_chosen,
-            x.policy_rejected - x.reference_rejected,
-        ),
-        Objective::SimpoBlend { .. } => (
-            x.policy_chosen / x.chosen_tokens,
-            x.policy_rejected / x.rejected_tokens,
-        ),
-        Objective::IpoBlend => (
-            (x.policy_chosen - x.reference_chosen) / x.chosen_tokens,
-            (x.policy_rejected - x.reference_rejected) / x.rejected_tokens,
-        ),
-    };
+    let (chosen, rejected) = scores(cfg.objective, x);
     // With one chosen column (pairwise data for the DPO/SimPO/IPO baselines, α = 0) the source
     // reward is reported equal to the target's.
     let source = if k1 == 1 {
@@ -140,19 +301,41 @@ pub fn preference_loss<B: Backend>(cfg: &LossConfig, x: PreferenceInputs<B>) -> 
         }
         Objective::IpoBlend => (diff - 1.0 / (2.0 * beta)).powi_scalar(2),
     };
-    let loss = per.mean().reshape([1]);
-    let flat = |t: Tensor<B, 2>| (t * beta).reshape([b]);
-    LossOutput {
-        loss,
-        chosen_rewards: flat(weighted.detach()),
-        source_rewards: flat(source.detach()),
-        target_rewards: flat(target.detach()),
-        rejected_rewards: rejected.detach() * beta,
+    Pieces {
+        per,
+        weighted,
+        source,
+        target,
+        rejected,
     }
 }
 
+/// Per-sequence scores whose weighted difference is the margin: `Δ` (WRPO), `log π/|y|` (SimPO),
+/// `Δ/|y|` (IPO). Returns (`[B, K+1]`, `[B, R]`).
+pub(crate) fn scores<B: Backend>(
+    objective: Objective,
+    x: PreferenceInputs<B>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    match objective {
+        Objective::Wrpo => (
+            x.policy_chosen - x.reference_chosen,
+            x.policy_rejected - x.reference_rejected,
+        ),
+        Objective::SimpoBlend { .. } => (
+            x.policy_chosen / x.chosen_tokens,
+            x.policy_rejected / x.rejected_tokens,
+        ),
+        Objective::IpoBlend => (
+            (x.policy_chosen - x.reference_chosen) / x.chosen_tokens,
+            (x.policy_rejected - x.reference_rejected) / x.rejected_tokens,
+        ),
+    }
+}
+
+/// Hand-derived numbers for the composite reference (the fused op is checked against the
+/// composite and an f64 computation in `tests.rs`).
 #[cfg(test)]
-mod tests {
+mod hand_derived {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::TensorData;
