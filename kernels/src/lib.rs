@@ -19,3 +19,11 @@ mod test_util;
 /// Label value that marks a position as not scored (prompt or padding), as in PyTorch's
 /// `CrossEntropyLoss(ignore_index=-100)` and TRL's `label_pad_token_id`.
 pub const IGNORE_INDEX: i64 = -100;
+
+/// Every op the trainer runs through a backend extension: the token log-probs
+/// ([`logprobs::LogProbBackend`]) and the preference loss ([`loss::LossBackend`]). Implemented for
+/// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on NdArray, and
+/// `Autodiff` of either).
+pub trait KernelBackend: logprobs::LogProbBackend + loss::LossBackend {}
+
+impl<B: logprobs::LogProbBackend + loss::LossBackend> KernelBackend for B {}

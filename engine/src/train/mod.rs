@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
-use wrpo_kernels::logprobs::LogProbBackend;
 use wrpo_kernels::loss::{LossConfig, Objective};
+use wrpo_kernels::KernelBackend;
 
 use crate::data::{Dataset, EncodeOptions, Encoded, RowError};
 use crate::model::ModelSource;
@@ -164,7 +164,7 @@ fn load_split(
 }
 
 /// Run `train`. `B` is the inner backend; the policy trains on `Autodiff<B>`.
-pub fn run_train<B: LogProbBackend>(
+pub fn run_train<B: KernelBackend>(
     job: &TrainJob,
     device: &B::Device,
     on: &mut dyn FnMut(Event),
@@ -417,7 +417,7 @@ fn hold_out(rows: &mut Vec<Encoded>, fraction: f64, seed: u64) -> Result<Vec<Enc
 }
 
 #[allow(clippy::too_many_arguments)]
-fn evaluate<B: LogProbBackend>(
+fn evaluate<B: KernelBackend>(
     cfg: &TrainConfig,
     model_cfg: &wrpo_models::LlamaConfig,
     params: &Flat<B>,
@@ -519,7 +519,7 @@ pub(crate) fn check_resume(
 
 /// The reference log-probs for the training and eval splits.
 #[allow(clippy::too_many_arguments)]
-fn build_reference<B: LogProbBackend>(
+fn build_reference<B: KernelBackend>(
     job: &TrainJob,
     source: &ModelSource,
     initial: wrpo_models::Llama<B>,
@@ -608,7 +608,7 @@ fn build_reference<B: LogProbBackend>(
     Ok((tables.pop().expect("two"), eval_ref))
 }
 
-fn load_ref<B: LogProbBackend>(
+fn load_ref<B: KernelBackend>(
     ref_source: &ModelSource,
     paths: &RunPaths,
     initial: wrpo_models::Llama<B>,

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use wrpo_kernels::logprobs::LogProbBackend;
+use wrpo_kernels::KernelBackend;
 use wrpo_models::{Llama, LlamaConfig};
 
 use crate::data::Encoded;
@@ -65,7 +65,7 @@ pub fn key(source: &ModelSource, rows: &[Encoded]) -> Result<String> {
 }
 
 /// Score `rows` with `model` in groups of `batch` rows.
-pub fn compute<B: LogProbBackend>(
+pub fn compute<B: KernelBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     rows: &[Encoded],

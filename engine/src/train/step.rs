@@ -5,8 +5,8 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use wrpo_kernels::logprobs::LogProbBackend;
-use wrpo_kernels::loss::{preference_loss, LossConfig, PreferenceInputs};
+use wrpo_kernels::loss::{preference_loss_fused, LossConfig, PreferenceInputs};
+use wrpo_kernels::KernelBackend;
 use wrpo_models::{Llama, LlamaConfig, ParamRef};
 
 use super::metrics::RowStats;
@@ -58,7 +58,7 @@ fn split<B: Backend>(sums: Tensor<B, 1>, b: usize, k1: usize, r: usize) -> Logps
     }
 }
 
-fn reference_logps<B: LogProbBackend>(
+fn reference_logps<B: KernelBackend>(
     reference: &Reference<B>,
     rows: &[&Encoded],
     idx: &[usize],
@@ -158,7 +158,7 @@ pub struct MicroOut<B: Backend> {
 /// in the split (for a reference table); `scale` multiplies the loss before backward (rows in this
 /// micro-batch / rows in the global batch, so that gradients add up to the global-batch mean).
 #[allow(clippy::too_many_arguments)]
-pub fn micro_step<B: LogProbBackend>(
+pub fn micro_step<B: KernelBackend>(
     cfg: &LlamaConfig,
     params: &Flat<B>,
     reference: &Reference<B>,
@@ -182,7 +182,7 @@ pub fn micro_step<B: LogProbBackend>(
     let policy = split(batch_logps(&policy_model, cfg, batch).0, b, k1, r);
     let refs = reference_logps(reference, rows, idx, pad, device);
     let (ct, rt) = token_counts::<B>(rows, device);
-    let out = preference_loss(
+    let out = preference_loss_fused(
         loss_cfg,
         PreferenceInputs {
             policy_chosen: policy.chosen.clone(),
@@ -229,7 +229,7 @@ pub fn micro_step<B: LogProbBackend>(
 
 /// Loss and statistics of a group of rows without gradients (evaluation).
 #[allow(clippy::too_many_arguments)]
-pub fn eval_step<B: LogProbBackend>(
+pub fn eval_step<B: KernelBackend>(
     cfg: &LlamaConfig,
     policy_model: &Llama<B>,
     reference: &Reference<B>,
@@ -244,7 +244,7 @@ pub fn eval_step<B: LogProbBackend>(
     let policy = split(batch_logps(policy_model, cfg, batch).0, b, k1, r);
     let refs = reference_logps(reference, rows, idx, pad, device);
     let (ct, rt) = token_counts::<B>(rows, device);
-    let out = preference_loss(
+    let out = preference_loss_fused(
         loss_cfg,
         PreferenceInputs {
             policy_chosen: policy.chosen.clone(),
