@@ -301,9 +301,9 @@ fn train_bad_input_fails_clearly() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// `sft` on the embedded default: the token loss falls; `--packing` is refused with the reason.
+/// `sft` on the embedded default: the token loss falls; `--packing` packs and says how.
 #[test]
-fn sft_embedded_default_learns_and_packing_is_refused() {
+fn sft_embedded_default_learns_and_packs() {
     let out = tmp("sft-default");
     let o = bin()
         .args(["sft", "--backend", "cpu", "--output"])
@@ -322,12 +322,8 @@ fn sft_embedded_default_learns_and_packing_is_refused() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("packing: not implemented"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("packed into"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&out);
 }
 

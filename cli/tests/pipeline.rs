@@ -246,24 +246,18 @@ fn score_matches_transformers_and_names_bad_rows() {
 
 /// sample (embedded model) → score (fixture reward model) → build-dataset → train, each step
 /// reading the previous step's output; then the errors and counts of build-dataset.
+/// The whole WRPO pipeline on the built-in tiny model, each step reading the previous step's
+/// output: score the sources → split (SFT part, WRPO prompts) → `sft` the target on the SFT part →
+/// `sample` the SFT model → `score` → `build-dataset` → `train` the SFT model on the WRPO rows →
+/// a valid checkpoint (the README's "Whole pipeline" section runs the same commands).
 #[test]
-fn sample_score_build_dataset_chain() {
+fn sft_sample_score_build_dataset_train_chain() {
     let dir = tmp("chain");
     let rm = fixtures().join("reward-llama");
-    // Sources: the bundled dataset's two chosen responses as two source models.
-    let bundled = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/assets/tiny/wrpo_tiny.jsonl"),
-    )
-    .unwrap();
-    let mut sources = Vec::new();
-    for l in bundled.lines().take(12) {
-        let r: Value = serde_json::from_str(l).unwrap();
-        for (k, m) in ["m1", "m2"].iter().enumerate() {
-            sources.push(json!({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "model": m, "response": r["chosen"][k]}));
-        }
-    }
-    let src = dir.join("sources.jsonl");
-    write_jsonl(&src, &sources);
+    // Sources: the bundled example (the first 12 prompts of the bundled dataset, their two chosen
+    // responses as two source models `m1`, `m2`), as in the README.
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/assets/tiny/pipeline_sources.jsonl");
     let src_scored = dir.join("sources.scored.jsonl");
     let o = run(
         &["score", "--backend", "cpu"],
@@ -282,7 +276,32 @@ fn sample_score_build_dataset_chain() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!((lines(&sft).len(), lines(&prompts).len()), (3, 9));
-    // Stage 2: sample the WRPO prompts, score, build.
+    // Target-SFT on the SFT part (the sources' best responses).
+    let sft_out = dir.join("sft-out");
+    let o = run(
+        &[
+            "sft",
+            "--backend",
+            "cpu",
+            "--num-train-epochs",
+            "2",
+            "--per-device-train-batch-size",
+            "3",
+            "--gradient-accumulation-steps",
+            "1",
+            "--logging-steps",
+            "1",
+        ],
+        &[("--data", &sft), ("--output", &sft_out)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sft_model = sft_out.join("final");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(sft_model.join(f).is_file(), "sft final/{f}");
+    }
+    let sft_steps = lines(&sft_out.join("metrics.jsonl"));
+    assert_eq!(sft_steps.len(), 2, "2 epochs of one 3-row update");
+    // Stage 2: sample the WRPO prompts with the SFT model, score, build.
     let samples = dir.join("samples.jsonl");
     let o = run(
         &[
@@ -294,7 +313,11 @@ fn sample_score_build_dataset_chain() {
             "--max-new-tokens",
             "8",
         ],
-        &[("--prompts", &prompts), ("--out", &samples)],
+        &[
+            ("--model", &sft_model),
+            ("--prompts", &prompts),
+            ("--out", &samples),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let scored = dir.join("samples.scored.jsonl");
@@ -341,7 +364,7 @@ fn sample_score_build_dataset_chain() {
             "SFT prompts stay out of the WRPO rows"
         );
     }
-    // The WRPO rows train the model that sampled them (two updates) into a valid checkpoint.
+    // The WRPO rows train the SFT model that sampled them (two updates) into a valid checkpoint.
     let train_out = dir.join("train");
     let o = run(
         &[
@@ -356,6 +379,7 @@ fn sample_score_build_dataset_chain() {
             "1",
         ],
         &[
+            ("--model", &sft_model),
             ("--data", &wrpo),
             ("--output", &train_out),
             ("--cache-dir", &dir.join("cache")),
@@ -365,6 +389,12 @@ fn sample_score_build_dataset_chain() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(train_out.join("final").join(f).is_file(), "final/{f}");
     }
+    let steps = lines(&train_out.join("metrics.jsonl"));
+    let first = steps.iter().find(|r| r.get("loss").is_some()).unwrap();
+    assert!(
+        (first["loss"].as_f64().unwrap() - 2f64.ln()).abs() < 1e-5,
+        "the first WRPO loss is log 2: the reference is the SFT model itself ({first})"
+    );
 
     // Errors: a target row with one sample; a missing score; both named with file:line:field,
     // no output written; --skip-bad-rows drops and counts.

@@ -63,6 +63,95 @@ pub fn make_batch<B: Backend>(
     }
 }
 
+/// Packed rows: several `(prompt, completion)` sequences per row, each with its own segment id and
+/// positions restarting at 0, for [`wrpo_models::Llama::forward_packed`].
+///
+/// # Shapes
+/// - `input_ids`, `labels`: `[R, T]`, `T` = longest row; `segments`, `positions`: `R·T` host values
+#[derive(Debug, Clone)]
+pub struct PackedBatch<B: Backend> {
+    /// Token ids, padded with `pad_id`.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// Labels as in [`Batch`], per segment: no position predicts the next segment's first token.
+    pub labels: Tensor<B, 2, Int>,
+    /// 0 at padding, `1..` = the sequence's index in its row + 1.
+    pub segments: Vec<u32>,
+    /// Position of each token within its sequence (0 at padding).
+    pub positions: Vec<usize>,
+}
+
+/// Pack rows of `(prompt, completion)` sequences; row `r` holds `rows[r]` back to back.
+pub fn make_packed_batch<B: Backend>(
+    rows: &[Vec<(&[u32], &[u32])>],
+    pad_id: u32,
+    device: &B::Device,
+) -> PackedBatch<B> {
+    let len = |row: &Vec<(&[u32], &[u32])>| row.iter().map(|(p, c)| p.len() + c.len()).sum();
+    let n = rows.len();
+    let t = rows.iter().map(len).max().unwrap_or(1).max(1);
+    let mut ids = vec![pad_id as i64; n * t];
+    let mut labels = vec![IGNORE_INDEX; n * t];
+    let mut segments = vec![0u32; n * t];
+    let mut positions = vec![0usize; n * t];
+    for (r, row) in rows.iter().enumerate() {
+        let mut base = r * t;
+        for (s, (p, c)) in row.iter().enumerate() {
+            for (j, &tok) in p.iter().chain(c.iter()).enumerate() {
+                ids[base + j] = tok as i64;
+                segments[base + j] = s as u32 + 1;
+                positions[base + j] = j;
+            }
+            for (k, &tok) in c.iter().enumerate() {
+                let pos = p.len() + k;
+                if pos > 0 {
+                    labels[base + pos - 1] = tok as i64;
+                }
+            }
+            base += p.len() + c.len();
+        }
+    }
+    PackedBatch {
+        input_ids: Tensor::from_data(TensorData::new(ids, [n, t]), device),
+        labels: Tensor::from_data(TensorData::new(labels, [n, t]), device),
+        segments,
+        positions,
+    }
+}
+
+/// Greedy best-fit-decreasing packing of sequence lengths into bins of `capacity` tokens
+/// (TRL's `packing_strategy="bfd"`: sequences are never split; one longer than `capacity` gets a
+/// bin of its own). Deterministic: longest first, ties by index; each bin lists indices in
+/// ascending order and bins are ordered by their first index.
+pub fn pack_bfd(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new(); // (free tokens, members)
+    for i in order {
+        let best = bins
+            .iter()
+            .enumerate()
+            .filter(|(_, (free, _))| *free >= lengths[i])
+            .min_by_key(|(b, (free, _))| (*free, *b))
+            .map(|(b, _)| b);
+        match best {
+            Some(b) => {
+                bins[b].0 -= lengths[i];
+                bins[b].1.push(i);
+            }
+            None => bins.push((capacity.saturating_sub(lengths[i]), vec![i])),
+        }
+    }
+    let mut bins: Vec<Vec<usize>> = bins
+        .into_iter()
+        .map(|(_, mut m)| {
+            m.sort_unstable();
+            m
+        })
+        .collect();
+    bins.sort_by_key(|m| m[0]);
+    bins
+}
+
 /// Summed completion log-probs and scored-token counts for each sequence, in one forward.
 ///
 /// # Shapes

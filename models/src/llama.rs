@@ -415,6 +415,52 @@ impl<B: Backend> LlamaModel<B> {
     }
 }
 
+impl<B: Backend> LlamaModel<B> {
+    /// Final hidden states of *packed* rows: several examples share a row, each attending only to
+    /// itself (block-diagonal causal mask) with positions restarting at 0 (what transformers does
+    /// with `position_ids` and flash-attention's variable-length path).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, T]`; `segments`: `B·T` host ids, row-major (0 = padding, `1..` = the
+    ///   example a token belongs to); `positions`: `B·T` host positions within each example
+    /// - returns `[B, T, H]`
+    pub fn forward_packed(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        segments: &[u32],
+        positions: &[usize],
+    ) -> Tensor<B, 3> {
+        let [b, t] = input_ids.dims();
+        assert_eq!(segments.len(), b * t, "forward_packed: B·T segment ids");
+        assert_eq!(positions.len(), b * t, "forward_packed: B·T positions");
+        let device = input_ids.device();
+        // mask[b, 0, q, k]: key after query, or in another segment (padding is segment 0, so a
+        // padding query sees only padding keys and stays finite).
+        let mut mask = Vec::with_capacity(b * t * t);
+        for seg in segments.chunks(t) {
+            for q in 0..t {
+                mask.extend((0..t).map(|k| k > q || seg[k] != seg[q]));
+            }
+        }
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, t]), &device);
+        let (cos, sin) = rope::tables_at::<B>(cfg, positions, &device);
+        let hd = cfg.head_dim;
+        let (cos, sin) = (cos.reshape([b, 1, t, hd]), sin.reshape([b, 1, t, hd]));
+        let mut x = embedding(self.embed_tokens.val(), input_ids);
+        for layer in &self.layers {
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.project(layer.input_layernorm.forward(x.clone()), &cos, &sin);
+            x = x + attn.attend(q, k, v, mask.clone());
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        self.norm.forward(x)
+    }
+}
+
 impl<B: Backend> Llama<B> {
     /// Call `f(name, param)` for every parameter, in [`param_specs`] order.
     pub fn visit_params(&self, f: &mut dyn FnMut(&str, ParamRef<'_, B>)) {
@@ -490,6 +536,23 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(hidden),
             None => linear(hidden, self.model.embed_tokens.val().transpose(), None),
         }
+    }
+
+    /// Logits of packed rows: [`LlamaModel::forward_packed`] then the head.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, T]`; `segments`, `positions`: `B·T` host values; returns `[B, T, V]`
+    pub fn forward_packed(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        segments: &[u32],
+        positions: &[usize],
+    ) -> Tensor<B, 3> {
+        self.head(
+            self.model
+                .forward_packed(cfg, input_ids, segments, positions),
+        )
     }
 
     /// Logits for every position.

@@ -78,6 +78,77 @@ fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
     }
 }
 
+/// Packed rows (`Llama::forward_packed`, what `sft --packing` runs): the fixture's sequences are
+/// packed back to back — even-numbered ones in row 0, odd ones in row 1 — and each sequence's
+/// logits must equal transformers' logits of that sequence alone (block-diagonal mask, positions
+/// restarting at 0).
+fn packed_logits_parity<B: Backend>(device: &B::Device, label: &str) {
+    for name in MODELS {
+        let dir = fixtures().join(name);
+        let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
+        let bytes = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (ids, shape) = tensor_f64(&st, "input_ids");
+        let (mask, _) = tensor_f64(&st, "attention_mask");
+        let (want, _) = tensor_f64(&st, "logits");
+        let (n, t, v) = (shape[0], shape[1], cfg.vocab_size);
+        assert!(n >= 2, "{name}: the fixture needs two sequences to pack");
+        // Real positions (flat indices into the fixture) of each packed row, in packing order.
+        let mut rows: Vec<Vec<usize>> = vec![vec![], vec![]];
+        let (mut segs, mut poss): (Vec<Vec<u32>>, Vec<Vec<usize>>) =
+            (vec![vec![], vec![]], vec![vec![], vec![]]);
+        for s in 0..n {
+            let real: Vec<usize> = (0..t)
+                .map(|j| s * t + j)
+                .filter(|&p| mask[p] != 0.0)
+                .collect();
+            poss[s % 2].extend(0..real.len());
+            segs[s % 2].extend(std::iter::repeat_n(s as u32 + 1, real.len()));
+            rows[s % 2].extend(real);
+        }
+        let width = rows.iter().map(Vec::len).max().unwrap();
+        let (mut flat_ids, mut flat_seg, mut flat_pos) = (vec![], vec![], vec![]);
+        for r in 0..2 {
+            let pad = width - rows[r].len();
+            flat_ids.extend(
+                rows[r]
+                    .iter()
+                    .map(|&p| ids[p] as i64)
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            flat_seg.extend(segs[r].iter().copied().chain(std::iter::repeat_n(0, pad)));
+            flat_pos.extend(poss[r].iter().copied().chain(std::iter::repeat_n(0, pad)));
+        }
+        let ids_t = Tensor::<B, 2, Int>::from_data(TensorData::new(flat_ids, [2, width]), device);
+        let got: Vec<f32> = model
+            .forward_packed(&cfg, ids_t, &flat_seg, &flat_pos)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap();
+        let (mut g, mut w) = (Vec::new(), Vec::new());
+        for (r, row) in rows.iter().enumerate() {
+            for (j, &p) in row.iter().enumerate() {
+                let at = (r * width + j) * v;
+                g.extend(got[at..at + v].iter().map(|&x| x as f64));
+                w.extend_from_slice(&want[p * v..(p + 1) * v]);
+            }
+        }
+        let r = assert_close(
+            &format!("{label} {name} packed logits"),
+            &g,
+            &w,
+            tol::LOGITS_F32,
+        );
+        println!(
+            "{label} {name}: packed logits max abs err {:.3e}, max rel err {:.3e} over {} values",
+            r.max_abs,
+            r.max_rel,
+            g.len()
+        );
+    }
+}
+
 fn logps_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let dir = fixtures().join(name);
@@ -176,6 +247,16 @@ fn logps_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
 #[test]
 fn cpu_logits_match_transformers() {
     logits_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+#[test]
+fn cpu_packed_logits_match_transformers() {
+    packed_logits_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+#[test]
+fn wgpu_packed_logits_match_transformers() {
+    packed_logits_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
 }
 
 #[test]

@@ -8,9 +8,9 @@ use serde_json::Value;
 use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
 use wrpo_engine_core::train::config::{resolve, RunPaths, TrainArgs, TrainConfig};
 use wrpo_engine_core::train::{
-    run_train, sft::run_sft, state::read_safetensors, TrainJob, TrainSummary,
+    run_train, sft::run_sft, state::read_safetensors, Event, TrainJob, TrainSummary,
 };
-use wrpo_kernels::logprobs::LogProbBackend;
+use wrpo_kernels::KernelBackend;
 use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
 
 const CASES: [(&str, &str); 2] = [
@@ -47,7 +47,7 @@ fn job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob 
     }
 }
 
-fn trajectory_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
+fn trajectory_parity<B: KernelBackend>(device: &B::Device, label: &str) {
     for (case, rows) in CASES {
         let out = tmp(&format!("{label}-{case}"));
         let job = job(case, rows, &out, TrainArgs::default());
@@ -117,7 +117,7 @@ fn compare(label: &str, case: &str, summary: &TrainSummary, dir: &Path) {
 }
 
 /// SFT updates vs `tests/reference/make_sft_fixture.py`.
-fn sft_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
+fn sft_parity<B: KernelBackend>(device: &B::Device, label: &str) {
     let dir = fixtures().join("sft");
     let out = tmp(&format!("{label}-sft"));
     let defaults = TrainConfig {
@@ -143,6 +143,124 @@ fn sft_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
     let summary = run_sft::<B>(&job, device, &mut |_| {}).unwrap();
     compare(label, "sft", &summary, &dir);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `sft --packing`: when every update covers the whole data set (one global batch, several
+/// epochs), packing changes only how examples share sequences, not what is learnt — so the packed
+/// run must give the unpacked run's losses, gradient norms, token accuracies and final weights
+/// (the unpacked run being the one checked against PyTorch above). `max_length` 96 makes several
+/// packed sequences out of the 10 examples.
+fn sft_packing_matches_unpacked<B: KernelBackend>(device: &B::Device, label: &str) {
+    let dir = fixtures().join("sft");
+    let run = |packing: bool| {
+        let out = tmp(&format!("{label}-sft-pack-{packing}"));
+        let args = TrainArgs {
+            per_device_train_batch_size: Some(10),
+            gradient_accumulation_steps: Some(1),
+            num_train_epochs: Some(3),
+            max_length: Some(96),
+            max_prompt_length: Some(64),
+            packing: Some(packing),
+            ..Default::default()
+        };
+        let defaults = TrainConfig {
+            save_steps: 0,
+            ..Default::default()
+        };
+        let cfg = resolve(defaults, Some(&dir.join("config.yaml")), &args).unwrap();
+        let job = TrainJob {
+            cfg,
+            paths: RunPaths {
+                model: Some(fixtures().join("llama-tied")),
+                data: Some(dir.join("sft_rows.jsonl")),
+                output: out.clone(),
+                cache_dir: out.join("cache"),
+                ..Default::default()
+            },
+        };
+        let mut notes = vec![];
+        let summary = run_sft::<B>(&job, device, &mut |e| {
+            if let Event::Note(n) = e {
+                notes.push(n)
+            }
+        })
+        .unwrap();
+        (summary, notes, out)
+    };
+    let (plain, _, out_a) = run(false);
+    let (packed, notes, out_b) = run(true);
+    let note = notes
+        .iter()
+        .find(|n| n.contains("packed into"))
+        .expect("packing note");
+    println!("{label}: {note}");
+    assert!(
+        !note.contains("packed into 10 ") && !note.contains("packed into 1 "),
+        "the test must pack several examples into several sequences: {note}"
+    );
+    let steps = |s: &TrainSummary| -> Vec<Value> {
+        s.history
+            .iter()
+            .filter(|r| r.get("loss").is_some())
+            .cloned()
+            .collect()
+    };
+    let (a, b) = (steps(&plain), steps(&packed));
+    assert_eq!(a.len(), 3, "one update per epoch");
+    assert_eq!(a.len(), b.len());
+    for key in ["loss", "grad_norm", "mean_token_accuracy"] {
+        let f = |v: &[Value]| {
+            v.iter()
+                .map(|r| r[key].as_f64().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let t = if key == "mean_token_accuracy" {
+            tol::TOKEN_ACCURACY
+        } else {
+            tol::TRAJECTORY_F32
+        };
+        let rep = assert_close(
+            &format!("{label} packed vs unpacked {key}"),
+            &f(&b),
+            &f(&a),
+            t,
+        );
+        println!(
+            "{label} packed vs unpacked {key:20} max abs {:.2e} max rel {:.2e}",
+            rep.max_abs, rep.max_rel
+        );
+    }
+    let wa = read_safetensors(&plain.final_dir.join("model.safetensors")).unwrap();
+    let wb = read_safetensors(&packed.final_dir.join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = wa.keys().collect();
+    names.sort();
+    let (mut g, mut w) = (vec![], vec![]);
+    for n in names {
+        g.extend(wb[n].1.iter().map(|&x| x as f64));
+        w.extend(wa[n].1.iter().map(|&x| x as f64));
+    }
+    let rep = assert_close(
+        &format!("{label} packed vs unpacked weights"),
+        &g,
+        &w,
+        tol::TRAINED_WEIGHTS_F32,
+    );
+    println!(
+        "{label} packed vs unpacked final weights max abs {:.2e}",
+        rep.max_abs
+    );
+    let _ = std::fs::remove_dir_all(&out_a);
+    let _ = std::fs::remove_dir_all(&out_b);
+}
+
+#[test]
+fn cpu_sft_packing_matches_unpacked() {
+    sft_packing_matches_unpacked::<CpuBackend>(&Default::default(), "cpu");
+}
+
+#[test]
+fn wgpu_sft_packing_matches_unpacked() {
+    sft_packing_matches_unpacked::<WgpuBackend>(&wgpu_device(), "wgpu");
 }
 
 #[test]

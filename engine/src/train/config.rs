@@ -163,7 +163,8 @@ train_config! {
     /// sft: loss on completion tokens only (false: on every token, as the authors' packed SFT).
     #[arg(value_name = "BOOL")]
     completion_only: bool = true;
-    /// sft: pack several examples per sequence (not implemented: refused with the reason).
+    /// sft: pack several examples into sequences of up to `max_length` tokens (each attends only
+    /// to itself, positions restart per example); the batch size then counts packed sequences.
     #[arg(value_name = "BOOL")]
     packing: bool = false;
 }

@@ -5,7 +5,14 @@
 //! Loss: the mean token negative log-likelihood over the completion tokens of the global batch
 //! (`completion_only`, the default) or over every token but the first (`completion_only: false`,
 //! what the authors' packed SFT did). `mean_token_accuracy`: the fraction of those tokens whose
-//! arg-max logit is the label. Packing is not implemented (see [`run_sft`]).
+//! arg-max logit is the label.
+//!
+//! Packing (`packing: true`): examples are packed once, before training, into sequences of at most
+//! `max_length` tokens (best-fit decreasing, examples never split; [`crate::logps::pack_bfd`]);
+//! each example attends only to itself and its positions restart at 0
+//! ([`wrpo_models::Llama::forward_packed`]), so a packed example's loss and gradient are those of
+//! the same example alone. `per_device_train_batch_size` then counts packed sequences (as in
+//! TRL), and the loss is still the mean over the scored tokens of the global batch.
 
 use std::path::Path;
 use std::time::Instant;
@@ -14,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
 use serde_json::{Map, Value};
-use wrpo_kernels::logprobs::{sequence_logprobs, LogProbBackend};
+use wrpo_kernels::{logprobs::sequence_logprobs, KernelBackend};
 use wrpo_models::{Llama, LlamaConfig, ParamRef};
 
 use super::metrics::{json_f64, MetricsFile};
@@ -23,7 +30,7 @@ use super::schedule::{epoch_order, lr_factor, Plan};
 use super::state::{self, TokenizerFiles, TrainerState};
 use super::{resume_dir, Event, TrainJob, TrainSummary};
 use crate::data::{parse_rows_with, parse_sft_row, Dataset, EncodeOptions, Encoded};
-use crate::logps::make_batch;
+use crate::logps::{make_batch, make_packed_batch, pack_bfd};
 use crate::model::ModelSource;
 
 /// One example: prompt ids and completion ids.
@@ -67,12 +74,15 @@ struct MicroOut<B: Backend> {
     tokens: usize,
 }
 
-/// Forward + backward of one micro-batch; gradients of `Σ NLL / scored_in_global`.
-fn sft_micro<B: LogProbBackend>(
+/// Forward + backward of one micro-batch of sequences (each one example, or several packed);
+/// gradients of `Σ NLL / scored_in_global`.
+#[allow(clippy::too_many_arguments)]
+fn sft_micro<B: KernelBackend>(
     cfg: &LlamaConfig,
     params: &Flat<B>,
-    batch: &[&SftExample],
+    batch: &[Vec<&SftExample>],
     completion_only: bool,
+    packed: bool,
     scored_in_global: usize,
     pad: u32,
     device: &B::Device,
@@ -81,26 +91,49 @@ fn sft_micro<B: LogProbBackend>(
     let model: Llama<Autodiff<B>> = Llama::build_from(cfg, &mut |name, _| {
         Tensor::from_inner(params.values[index(name)].clone())
     });
-    let joined: Vec<Vec<u32>> = batch
+    let joined: Vec<Vec<Vec<u32>>> = batch
         .iter()
-        .map(|e| [e.prompt.as_slice(), e.completion.as_slice()].concat())
-        .collect();
-    let seqs: Vec<(&[u32], &[u32])> = batch
-        .iter()
-        .zip(&joined)
-        .map(|(e, all)| {
-            if completion_only {
-                (e.prompt.as_slice(), e.completion.as_slice())
-            } else {
-                (&all[..0], all.as_slice())
-            }
+        .map(|seq| {
+            seq.iter()
+                .map(|e| [e.prompt.as_slice(), e.completion.as_slice()].concat())
+                .collect()
         })
         .collect();
-    let tokens = joined.iter().map(Vec::len).sum();
-    let b = make_batch::<Autodiff<B>>(&seqs, pad, device);
-    let logits = model.forward(cfg, b.input_ids, b.valid);
+    // (context, scored) parts of every example, grouped by sequence.
+    let parts: Vec<Vec<(&[u32], &[u32])>> = batch
+        .iter()
+        .zip(&joined)
+        .map(|(seq, alls)| {
+            seq.iter()
+                .zip(alls)
+                .map(|(e, all)| {
+                    if completion_only {
+                        (e.prompt.as_slice(), e.completion.as_slice())
+                    } else {
+                        (&all[..0], all.as_slice())
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let tokens = joined.iter().flatten().map(Vec::len).sum();
+    let (logits, labels) = if packed {
+        let b = make_packed_batch::<Autodiff<B>>(&parts, pad, device);
+        let logits = model.forward_packed(cfg, b.input_ids, &b.segments, &b.positions);
+        (logits, b.labels)
+    } else {
+        let seqs: Vec<(&[u32], &[u32])> = parts
+            .iter()
+            .map(|p| {
+                assert_eq!(p.len(), 1, "unpacked sequences hold one example");
+                p[0]
+            })
+            .collect();
+        let b = make_batch::<Autodiff<B>>(&seqs, pad, device);
+        (model.forward(cfg, b.input_ids, b.valid), b.labels)
+    };
     let argmax = logits.clone().inner().argmax(2).squeeze_dim::<2>(2);
-    let labels_inner = b.labels.clone().inner();
+    let labels_inner = labels.clone().inner();
     let scored = labels_inner
         .clone()
         .not_equal_elem(wrpo_kernels::IGNORE_INDEX);
@@ -110,7 +143,7 @@ fn sft_micro<B: LogProbBackend>(
         .int()
         .sum()
         .into_scalar();
-    let (sums, _) = sequence_logprobs(logits, b.labels);
+    let (sums, _) = sequence_logprobs(logits, labels);
     let nll = sums.sum().neg();
     let grads_all = (nll.clone() / scored_in_global as f64).backward();
     let mut grads = vec![None; params.values.len()];
@@ -143,9 +176,8 @@ fn scored(e: &SftExample, completion_only: bool) -> usize {
 }
 
 /// Run `sft`. Same settings, outputs, checkpoints and resume as `train` (WRPO-only keys are
-/// ignored). `packing: true` is refused: the LLaMA forward has no block-diagonal attention mask
-/// or per-segment positions yet, so examples are padded instead — say so rather than pack wrongly.
-pub fn run_sft<B: LogProbBackend>(
+/// ignored); `packing: true` packs examples (module docs).
+pub fn run_sft<B: KernelBackend>(
     job: &TrainJob,
     device: &B::Device,
     on: &mut dyn FnMut(Event),
@@ -153,9 +185,6 @@ pub fn run_sft<B: LogProbBackend>(
     // ---- setup ------------------------------------------------------------------------------
     let (cfg, paths) = (&job.cfg, &job.paths);
     cfg.validate()?;
-    if cfg.packing {
-        bail!("packing: not implemented — the LLaMA forward has no block-diagonal attention mask or per-example positions yet, and packing without them would let examples attend to each other. Drop --packing (examples are padded; set per_device_train_batch_size to fill the device)");
-    }
     let source = ModelSource::from_arg(paths.model.as_deref());
     let model_cfg = source.config()?;
     let tok = source.tokenizer(&model_cfg)?;
@@ -187,7 +216,17 @@ pub fn run_sft<B: LogProbBackend>(
             completion: e.chosen.into_iter().next().expect("one completion"),
         })
         .collect();
-    let plan = Plan::new(cfg, rows.len());
+    // The units of the data order: one example each, or the packed sequences.
+    let units: Vec<Vec<usize>> = if cfg.packing {
+        let lengths: Vec<usize> = rows
+            .iter()
+            .map(|e| e.prompt.len() + e.completion.len())
+            .collect();
+        pack_bfd(&lengths, cfg.max_length)
+    } else {
+        (0..rows.len()).map(|i| vec![i]).collect()
+    };
+    let plan = Plan::new(cfg, units.len());
     let pad = tok
         .as_ref()
         .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
@@ -195,16 +234,26 @@ pub fn run_sft<B: LogProbBackend>(
     std::fs::create_dir_all(&paths.output)
         .with_context(|| format!("creating {}", paths.output.display()))?;
     on(Event::Note(format!(
-        "sft: model {} · {} examples · loss on {} · {} updates of {} rows",
+        "sft: model {} · {} examples{} · loss on {} · {} updates of {} {}",
         source.label(),
         rows.len(),
+        if cfg.packing {
+            format!(
+                " packed into {} sequences of ≤ {} tokens",
+                units.len(),
+                cfg.max_length
+            )
+        } else {
+            String::new()
+        },
         if cfg.completion_only {
             "completion tokens"
         } else {
             "all tokens"
         },
         plan.total,
-        plan.global_batch
+        plan.global_batch,
+        if cfg.packing { "sequences" } else { "rows" }
     )));
     let (initial, _) = source.load::<B>(device)?;
     let mut params = Flat::of_model(&initial);
@@ -261,24 +310,32 @@ pub fn run_sft<B: LogProbBackend>(
     for s in start..plan.total {
         let (epoch, pos) = plan.locate(s);
         if order.0 != epoch {
-            order = (epoch, epoch_order(rows.len(), epoch, cfg.shuffle, cfg.seed));
+            order = (
+                epoch,
+                epoch_order(units.len(), epoch, cfg.shuffle, cfg.seed),
+            );
         }
-        let ids = &order.1[(pos * plan.global_batch).min(rows.len())
-            ..((pos + 1) * plan.global_batch).min(rows.len())];
+        let ids = &order.1[(pos * plan.global_batch).min(units.len())
+            ..((pos + 1) * plan.global_batch).min(units.len())];
         let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, s, plan.warmup, plan.total);
         let n_scored: usize = ids
             .iter()
+            .flat_map(|&u| &units[u])
             .map(|&i| scored(&rows[i], cfg.completion_only))
             .sum();
         let mut grads: Option<Vec<Tensor<B, 1>>> = None;
         let (mut nll, mut correct) = (0.0, 0.0);
         for micro in ids.chunks(cfg.per_device_train_batch_size) {
-            let batch: Vec<&SftExample> = micro.iter().map(|&i| &rows[i]).collect();
+            let batch: Vec<Vec<&SftExample>> = micro
+                .iter()
+                .map(|&u| units[u].iter().map(|&i| &rows[i]).collect())
+                .collect();
             let out = sft_micro(
                 &model_cfg,
                 &params,
                 &batch,
                 cfg.completion_only,
+                cfg.packing,
                 n_scored.max(1),
                 pad,
                 device,
