@@ -123,31 +123,14 @@ pub fn bench_logprobs<B: LogProbBackend + MemoryProbe>(
     };
     let both = |fused: bool| forward_backward(&logits, &labels, &weights, fused);
     let floor_bytes = 8.0 * (n * t * v) as f64;
-    let stats = |fused: bool| -> PathStats {
-        let time = |f: &dyn Fn()| -> f64 {
-            for _ in 0..warmup {
-                f();
-            }
-            sync::<B>(device);
-            median(
-                (0..reps)
-                    .map(|_| {
-                        let start = Instant::now();
-                        f();
-                        sync::<B>(device);
-                        start.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect(),
-            )
-        };
-        let forward_ms = time(&|| drop(forward(fused)));
-        let forward_backward_ms = time(&|| drop(both(fused)));
-        PathStats {
-            forward_ms,
-            forward_backward_ms,
-            forward_backward_gbps: floor_bytes / (forward_backward_ms * 1e-3) / 1e9,
-            peak_bytes: None,
-        }
+    let stats = |fused: bool| {
+        path_stats::<B>(
+            device,
+            (warmup, reps),
+            floor_bytes,
+            &|| drop(forward(fused)),
+            &|| drop(both(fused)),
+        )
     };
     let fused = stats(true);
     let composite = stats(false);
@@ -221,6 +204,41 @@ fn forward_backward<B: LogProbBackend>(
     let loss = (lp.clone() * Tensor::from_inner(weights.clone())).sum();
     let grads = loss.backward();
     (lp.inner(), x.grad(&grads).expect("logits gradient"))
+}
+
+/// Device-synchronised median times (ms) of a path's forward and forward + backward, after
+/// `warmup` untimed runs each, and the effective bandwidth against `floor_bytes`.
+fn path_stats<B: Backend>(
+    device: &B::Device,
+    (warmup, reps): (usize, usize),
+    floor_bytes: f64,
+    forward: &dyn Fn(),
+    forward_backward: &dyn Fn(),
+) -> PathStats {
+    let time = |f: &dyn Fn()| -> f64 {
+        for _ in 0..warmup {
+            f();
+        }
+        sync::<B>(device);
+        median(
+            (0..reps)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    sync::<B>(device);
+                    start.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        )
+    };
+    let forward_ms = time(forward);
+    let forward_backward_ms = time(forward_backward);
+    PathStats {
+        forward_ms,
+        forward_backward_ms,
+        forward_backward_gbps: floor_bytes / (forward_backward_ms * 1e-3) / 1e9,
+        peak_bytes: None,
+    }
 }
 
 /// Peak pool growth of one forward + backward of a path; call in a fresh process (see the module
@@ -496,31 +514,14 @@ pub fn bench_loss<B: LossBackend>(
     // rewards (4·B + B·R) and the gradients (B·(K+1) + B·R) written once; 4 bytes each.
     let inputs = 3 * b * (k1 + r);
     let floor_bytes = 4.0 * (2 * inputs + 4 * b + b * r + b * (k1 + r)) as f64;
-    let stats = |fused: bool| -> PathStats {
-        let time = |f: &dyn Fn()| -> f64 {
-            for _ in 0..warmup {
-                f();
-            }
-            sync::<B>(device);
-            median(
-                (0..reps)
-                    .map(|_| {
-                        let start = Instant::now();
-                        f();
-                        sync::<B>(device);
-                        start.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect(),
-            )
-        };
-        let forward_ms = time(&|| drop(forward(fused)));
-        let forward_backward_ms = time(&|| drop(loss_forward_backward(&cfg, &x, fused)));
-        PathStats {
-            forward_ms,
-            forward_backward_ms,
-            forward_backward_gbps: floor_bytes / (forward_backward_ms * 1e-3) / 1e9,
-            peak_bytes: None,
-        }
+    let stats = |fused: bool| {
+        path_stats::<B>(
+            device,
+            (warmup, reps),
+            floor_bytes,
+            &|| drop(forward(fused)),
+            &|| drop(loss_forward_backward(&cfg, &x, fused)),
+        )
     };
     let fused = stats(true);
     let composite = stats(false);

@@ -36,16 +36,44 @@ fn tensor_f64(st: &SafeTensors, name: &str) -> (Vec<f64>, Vec<usize>) {
     (data, v.shape().to_vec())
 }
 
+/// A model's `expected_logits.safetensors` (transformers' logits of right-padded sequences).
+struct LogitsFixture {
+    ids: Vec<f64>,
+    mask: Vec<f64>,
+    logits: Vec<f64>,
+    /// `[N, T]` of `ids`.
+    shape: Vec<usize>,
+}
+
+fn logits_fixture<B: Backend>(
+    name: &str,
+    device: &B::Device,
+) -> (
+    wrpo_models::Llama<B>,
+    wrpo_models::LlamaConfig,
+    LogitsFixture,
+) {
+    let dir = fixtures().join(name);
+    let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
+    let bytes = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (ids, shape) = tensor_f64(&st, "input_ids");
+    let (mask, _) = tensor_f64(&st, "attention_mask");
+    let (logits, _) = tensor_f64(&st, "logits");
+    let fx = LogitsFixture {
+        ids,
+        mask,
+        logits,
+        shape,
+    };
+    (model, cfg, fx)
+}
+
 fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
     for name in MODELS {
-        let dir = fixtures().join(name);
-        let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
-        let bytes = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let (ids, shape) = tensor_f64(&st, "input_ids");
-        let (mask, _) = tensor_f64(&st, "attention_mask");
-        let (want, _) = tensor_f64(&st, "logits");
-        let (n, t, v) = (shape[0], shape[1], cfg.vocab_size);
+        let (model, cfg, fx) = logits_fixture::<B>(name, device);
+        let (ids, mask, want) = (fx.ids, fx.mask, fx.logits);
+        let (n, t, v) = (fx.shape[0], fx.shape[1], cfg.vocab_size);
         let ids_t = Tensor::<B, 2, Int>::from_data(
             TensorData::new(ids.iter().map(|&x| x as i64).collect(), [n, t]),
             device,
@@ -84,14 +112,9 @@ fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
 /// restarting at 0).
 fn packed_logits_parity<B: Backend>(device: &B::Device, label: &str) {
     for name in MODELS {
-        let dir = fixtures().join(name);
-        let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
-        let bytes = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let (ids, shape) = tensor_f64(&st, "input_ids");
-        let (mask, _) = tensor_f64(&st, "attention_mask");
-        let (want, _) = tensor_f64(&st, "logits");
-        let (n, t, v) = (shape[0], shape[1], cfg.vocab_size);
+        let (model, cfg, fx) = logits_fixture::<B>(name, device);
+        let (ids, mask, want) = (fx.ids, fx.mask, fx.logits);
+        let (n, t, v) = (fx.shape[0], fx.shape[1], cfg.vocab_size);
         assert!(n >= 2, "{name}: the fixture needs two sequences to pack");
         // Real positions (flat indices into the fixture) of each packed row, in packing order.
         let mut rows: Vec<Vec<usize>> = vec![vec![], vec![]];

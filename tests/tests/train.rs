@@ -116,30 +116,31 @@ fn compare(label: &str, case: &str, summary: &TrainSummary, dir: &Path) {
     );
 }
 
-/// SFT updates vs `tests/reference/make_sft_fixture.py`.
-fn sft_parity<B: KernelBackend>(device: &B::Device, label: &str) {
+/// The SFT fixture's job (its config.yaml, rows and model) with `overrides`, writing to `out`.
+fn sft_job(out: &Path, overrides: &TrainArgs) -> TrainJob {
     let dir = fixtures().join("sft");
-    let out = tmp(&format!("{label}-sft"));
     let defaults = TrainConfig {
         save_steps: 0,
         ..Default::default()
     };
-    let cfg = resolve(
-        defaults,
-        Some(&dir.join("config.yaml")),
-        &TrainArgs::default(),
-    )
-    .unwrap();
-    let job = TrainJob {
+    let cfg = resolve(defaults, Some(&dir.join("config.yaml")), overrides).unwrap();
+    TrainJob {
         cfg,
         paths: RunPaths {
             model: Some(fixtures().join("llama-tied")),
             data: Some(dir.join("sft_rows.jsonl")),
-            output: out.clone(),
+            output: out.to_path_buf(),
             cache_dir: out.join("cache"),
             ..Default::default()
         },
-    };
+    }
+}
+
+/// SFT updates vs `tests/reference/make_sft_fixture.py`.
+fn sft_parity<B: KernelBackend>(device: &B::Device, label: &str) {
+    let dir = fixtures().join("sft");
+    let out = tmp(&format!("{label}-sft"));
+    let job = sft_job(&out, &TrainArgs::default());
     let summary = run_sft::<B>(&job, device, &mut |_| {}).unwrap();
     compare(label, "sft", &summary, &dir);
     let _ = std::fs::remove_dir_all(&out);
@@ -151,7 +152,6 @@ fn sft_parity<B: KernelBackend>(device: &B::Device, label: &str) {
 /// (the unpacked run being the one checked against PyTorch above). `max_length` 96 makes several
 /// packed sequences out of the 10 examples.
 fn sft_packing_matches_unpacked<B: KernelBackend>(device: &B::Device, label: &str) {
-    let dir = fixtures().join("sft");
     let run = |packing: bool| {
         let out = tmp(&format!("{label}-sft-pack-{packing}"));
         let args = TrainArgs {
@@ -163,21 +163,7 @@ fn sft_packing_matches_unpacked<B: KernelBackend>(device: &B::Device, label: &st
             packing: Some(packing),
             ..Default::default()
         };
-        let defaults = TrainConfig {
-            save_steps: 0,
-            ..Default::default()
-        };
-        let cfg = resolve(defaults, Some(&dir.join("config.yaml")), &args).unwrap();
-        let job = TrainJob {
-            cfg,
-            paths: RunPaths {
-                model: Some(fixtures().join("llama-tied")),
-                data: Some(dir.join("sft_rows.jsonl")),
-                output: out.clone(),
-                cache_dir: out.join("cache"),
-                ..Default::default()
-            },
-        };
+        let job = sft_job(&out, &args);
         let mut notes = vec![];
         let summary = run_sft::<B>(&job, device, &mut |e| {
             if let Event::Note(n) = e {

@@ -6,8 +6,10 @@
 //! order) makes the optimizer state a plain list that saves as safetensors, and the module is
 //! rebuilt around them for each step at no copy cost.
 
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use wrpo_models::{Llama, LlamaConfig};
+use wrpo_models::{Llama, LlamaConfig, ParamRef};
 
 /// Named flat tensors (parameters, gradients or optimizer moments).
 #[derive(Debug, Clone)]
@@ -53,6 +55,36 @@ impl<B: Backend> Flat<B> {
     pub fn model(&self, cfg: &LlamaConfig) -> Llama<B> {
         let index = self.index();
         Llama::build_from(cfg, &mut |name, _| self.values[index(name)].clone())
+    }
+
+    /// An autodiff module whose parameters are leaves holding these tensors (each requires a
+    /// gradient), for one forward + backward.
+    pub fn leaf_model(&self, cfg: &LlamaConfig) -> Llama<Autodiff<B>> {
+        let index = self.index();
+        Llama::build_from(cfg, &mut |name, _| {
+            Tensor::from_inner(self.values[index(name)].clone())
+        })
+    }
+
+    /// The flat gradient of every parameter of `model` (a [`Flat::leaf_model`]) in `grads`, in
+    /// this list's order; zeros for a parameter the loss does not reach.
+    pub fn grads_of(
+        &self,
+        model: &Llama<Autodiff<B>>,
+        grads: &<Autodiff<B> as AutodiffBackend>::Gradients,
+    ) -> Vec<Tensor<B, 1>> {
+        let index = self.index();
+        let mut out = vec![None; self.values.len()];
+        model.visit_params(&mut |name, p| {
+            out[index(name)] = match p {
+                ParamRef::D1(p) => p.val().grad(grads),
+                ParamRef::D2(p) => p.val().grad(grads).map(|g| g.flatten(0, 1)),
+            };
+        });
+        out.into_iter()
+            .zip(&self.values)
+            .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
+            .collect()
     }
 
     /// Name → position.

@@ -22,7 +22,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
 use serde_json::{Map, Value};
 use wrpo_kernels::{logprobs::sequence_logprobs, KernelBackend};
-use wrpo_models::{Llama, LlamaConfig, ParamRef};
+use wrpo_models::{Llama, LlamaConfig};
 
 use super::metrics::{json_f64, MetricsFile};
 use super::optim::{clip_global_norm, AdamState, AdamW, Flat};
@@ -87,10 +87,7 @@ fn sft_micro<B: KernelBackend>(
     pad: u32,
     device: &B::Device,
 ) -> MicroOut<B> {
-    let index = params.index();
-    let model: Llama<Autodiff<B>> = Llama::build_from(cfg, &mut |name, _| {
-        Tensor::from_inner(params.values[index(name)].clone())
-    });
+    let model: Llama<Autodiff<B>> = params.leaf_model(cfg);
     let joined: Vec<Vec<Vec<u32>>> = batch
         .iter()
         .map(|seq| {
@@ -146,18 +143,7 @@ fn sft_micro<B: KernelBackend>(
     let (sums, _) = sequence_logprobs(logits, labels);
     let nll = sums.sum().neg();
     let grads_all = (nll.clone() / scored_in_global as f64).backward();
-    let mut grads = vec![None; params.values.len()];
-    model.visit_params(&mut |name, p| {
-        grads[index(name)] = match p {
-            ParamRef::D1(p) => p.val().grad(&grads_all),
-            ParamRef::D2(p) => p.val().grad(&grads_all).map(|g| g.flatten(0, 1)),
-        };
-    });
-    let grads = grads
-        .into_iter()
-        .zip(&params.values)
-        .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
-        .collect();
+    let grads = params.grads_of(&model, &grads_all);
     use burn::tensor::ElementConversion;
     MicroOut {
         grads,

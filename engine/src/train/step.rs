@@ -7,7 +7,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use wrpo_kernels::loss::{preference_loss_fused, LossConfig, PreferenceInputs};
 use wrpo_kernels::KernelBackend;
-use wrpo_models::{Llama, LlamaConfig, ParamRef};
+use wrpo_models::{Llama, LlamaConfig};
 
 use super::metrics::RowStats;
 use super::optim::Flat;
@@ -171,11 +171,7 @@ pub fn micro_step<B: KernelBackend>(
 ) -> MicroOut<B> {
     type A<B> = Autodiff<B>;
     let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
-    let index = params.index();
-    // Leaves: `Param::from_tensor` marks each rebuilt parameter as requiring a gradient.
-    let policy_model: Llama<A<B>> = Llama::build_from(cfg, &mut |name, _| {
-        Tensor::from_inner(params.values[index(name)].clone())
-    });
+    let policy_model: Llama<A<B>> = params.leaf_model(cfg);
     let seqs = sequences(rows);
     let tokens = seqs.iter().map(|(p, c)| p.len() + c.len()).sum();
     let batch = make_batch::<A<B>>(&seqs, pad, device);
@@ -194,19 +190,7 @@ pub fn micro_step<B: KernelBackend>(
         },
     );
     let grads_all = (out.loss.clone() * scale).backward();
-    let mut grads = vec![None; params.values.len()];
-    policy_model.visit_params(&mut |name, p| {
-        let g = match p {
-            ParamRef::D1(p) => p.val().grad(&grads_all),
-            ParamRef::D2(p) => p.val().grad(&grads_all).map(|g| g.flatten(0, 1)),
-        };
-        grads[index(name)] = g;
-    });
-    let grads = grads
-        .into_iter()
-        .zip(&params.values)
-        .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
-        .collect();
+    let grads = params.grads_of(&policy_model, &grads_all);
     let loss: f32 = burn::tensor::ElementConversion::elem(out.loss.clone().into_scalar());
     let inner = |l: &Logps<A<B>>| Logps {
         chosen: l.chosen.clone().inner(),
