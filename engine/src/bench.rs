@@ -289,7 +289,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Time full WRPO updates (policy forward + reference forward + loss + backward + global clipping +
 /// AdamW) of a random LLaMA on random tokens: `warmup` untimed, then `steps` timed.
-pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
+pub fn bench_step<B: wrpo_kernels::logprobs::LogProbBackend + MemoryProbe>(
     device: &B::Device,
     backend: &str,
     shape: StepShape,
