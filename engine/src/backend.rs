@@ -229,6 +229,6 @@ impl NthDevice for burn::backend::wgpu::WgpuDevice {
 
 impl NthDevice for burn::backend::ndarray::NdArrayDevice {
     fn nth(&self, _: usize) -> Self {
-        self.clone()
+        *self
     }
 }

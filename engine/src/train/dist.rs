@@ -249,10 +249,10 @@ impl<B: Backend> Peer<B> {
     }
 
     /// Sum `grads` (flat, in parameter order) and `stats` over every peer, in one round.
-    /// `step` (1-based) names the update in errors. A single peer returns its inputs untouched.
+    /// `what` names the round in errors (`update 3`). A single peer returns its inputs untouched.
     pub fn sum_update(
         &mut self,
-        step: usize,
+        what: &str,
         grads: Vec<Tensor<B, 1>>,
         stats: Vec<f64>,
     ) -> Result<(Vec<Tensor<B, 1>>, Vec<f64>)> {
@@ -269,10 +269,10 @@ impl<B: Backend> Peer<B> {
         let mut parts = grads;
         parts.push(Tensor::from_data(TensorData::new(tail, [n_tail]), &device));
         let flat = Tensor::cat(parts, 0);
-        let summed = round.sum(flat).map_err(|e| explain(&self.world, step, e))?;
+        let summed = round.sum(flat).map_err(|e| explain(&self.world, what, e))?;
         if let Some(b) = &self.local_barrier {
             b.wait(self.world.timeout).with_context(|| {
-                format!("update {step}: waiting for this process's other device peers")
+                format!("{what}: waiting for this process's other device peers")
             })?;
         }
         let total: usize = lens.iter().sum();
@@ -286,7 +286,7 @@ impl<B: Backend> Peer<B> {
         let peers = tail[n_tail - 1].round() as usize;
         if peers != self.world.size() {
             bail!(
-                "update {step}: the all-reduce combined {peers} peers instead of {}: a node re-registered with the orchestrator before another had left the previous round (a race of the per-update registration that burn-collective 0.21 forces). Stopped before applying the update; restart from the last checkpoint with --resume",
+                "{what}: the all-reduce combined {peers} peers instead of {}: a node re-registered with the orchestrator before another had left the previous round (a race of the per-update registration that burn-collective 0.21 forces). Stopped before applying the update; restart from the last checkpoint with --resume",
                 self.world.size()
             );
         }
@@ -304,7 +304,9 @@ impl<B: Backend> Peer<B> {
     /// Leave the collective at the end of the run.
     pub fn close(&mut self) -> Result<()> {
         match self.round.take() {
-            Some(r) => r.close().map_err(|e| explain(&self.world, 0, e)),
+            Some(r) => r
+                .close()
+                .map_err(|e| explain(&self.world, "the end of the run", e)),
             None => Ok(()),
         }
     }
@@ -399,7 +401,7 @@ where
 
 /// A failed round as a message that names what is missing: the orchestrator (unreachable), or the
 /// other nodes (with two nodes, the one other rank).
-fn explain(world: &World, step: usize, e: RoundError) -> anyhow::Error {
+fn explain(world: &World, what: &str, e: RoundError) -> anyhow::Error {
     let others: Vec<String> = (0..world.nodes)
         .filter(|&r| r != world.node_rank)
         .map(|r| r.to_string())
@@ -419,12 +421,7 @@ fn explain(world: &World, step: usize, e: RoundError) -> anyhow::Error {
                 a.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
             })
         });
-    let when = if step == 0 {
-        "at the end of the run".to_string()
-    } else {
-        format!("at update {step}")
-    };
-    let what = match &e {
+    let failure = match &e {
         RoundError::Timeout { stage } => format!(
             "no answer within {}s (--collective-timeout) in {stage}",
             world.timeout.as_secs_f64()
@@ -437,7 +434,7 @@ fn explain(world: &World, step: usize, e: RoundError) -> anyhow::Error {
         format!("{peers} stopped, crashed or cannot be reached")
     };
     anyhow::anyhow!(
-        "node rank {} of {}: the gradient all-reduce {when} failed: {what}. Likely cause: {cause}. This node stops; the last checkpoint in --output is intact",
+        "node rank {} of {}: the all-reduce of {what} failed: {failure}. Likely cause: {cause}. This node stops; the last checkpoint in --output is intact",
         world.node_rank,
         world.nodes
     )

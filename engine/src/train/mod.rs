@@ -270,7 +270,7 @@ pub fn run_train_peer<B: LogProbBackend>(
     let (initial, _) = source.load::<B>(device)?;
     let mut params = Flat::of_model(&initial);
     let reference = build_reference::<B>(
-        job, &source, initial, &rows, &all_lines, &eval, pad, device, on,
+        job, peer, &source, initial, &rows, &all_lines, &eval, pad, device, on,
     )?;
     let (ref_train, ref_eval) = reference;
     let adamw = AdamW {
@@ -364,7 +364,7 @@ pub fn run_train_peer<B: LogProbBackend>(
         // Sum over peers: gradients, loss, metric sums, tokens (one all-reduce).
         let mut stats = vec![step_loss, step_tokens as f64];
         stats.extend(step_meter.packed());
-        let (mut grads, stats) = peer.sum_update(s + 1, grads, stats)?;
+        let (mut grads, stats) = peer.sum_update(&format!("update {}", s + 1), grads, stats)?;
         let step_loss = stats[0];
         interval_tokens += stats[1].round() as usize;
         meter.add_packed(&stats[2..]);
@@ -624,6 +624,7 @@ pub(crate) fn check_resume(
 #[allow(clippy::too_many_arguments)]
 fn build_reference<B: LogProbBackend>(
     job: &TrainJob,
+    peer: &mut Peer<B>,
     source: &ModelSource,
     initial: wrpo_models::Llama<B>,
     rows: &[Encoded],
@@ -678,7 +679,34 @@ fn build_reference<B: LogProbBackend>(
             .cache_dir
             .join("ref-logps")
             .join(format!("{key}.json"));
-        let table = match refcache::load(&path, split)? {
+        let cached = refcache::load(&path, split)?;
+        if peer.world().size() > 1 {
+            // Data-parallel: each peer scores its share, one all-reduce shares the table.
+            let batch = cfg.per_device_train_batch_size;
+            let t = refcache::compute_shared(
+                peer,
+                cached.as_deref(),
+                &model,
+                &model_cfg,
+                split,
+                pad,
+                device,
+                batch,
+            )?;
+            if cached.is_none() && peer.writes() {
+                refcache::store(&path, &t)?;
+            }
+            on(Event::Note(format!(
+                "reference log-probs: {} rows, {} by {} peers, cache {}",
+                split.len(),
+                if cached.is_some() { "read" } else { "computed" },
+                peer.world().size(),
+                path.display()
+            )));
+            tables.push(Reference::Table(t));
+            continue;
+        }
+        let table = match cached {
             Some(t) => {
                 on(Event::Note(format!(
                     "reference log-probs: cached {}",

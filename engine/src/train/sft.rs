@@ -333,8 +333,11 @@ pub fn run_sft_peer<B: LogProbBackend>(
         }
         // A peer past the end of a last, partial batch adds zeros; then the sum over peers.
         let grads = grads.unwrap_or_else(|| params.zeros_like().values);
-        let (mut grads, stats) =
-            peer.sum_update(s + 1, grads, vec![nll, correct, tokens as f64])?;
+        let (mut grads, stats) = peer.sum_update(
+            &format!("update {}", s + 1),
+            grads,
+            vec![nll, correct, tokens as f64],
+        )?;
         let (nll, correct) = (stats[0], stats[1]);
         acc_tokens += stats[2].round() as usize;
         let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
