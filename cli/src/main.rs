@@ -58,6 +58,14 @@ enum Command {
     /// Backend benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the orchestrator of a multi-node (`--nodes N`) train or sft run until interrupted.
+    ///
+    /// Every node registers with it (`--orchestrator HOST:PORT`) before each update's all-reduce.
+    Orchestrator {
+        /// Port to listen on (all interfaces).
+        #[arg(long)]
+        port: u16,
+    },
     /// Write the built-in tiny LLaMA (with its tokenizer) as a Hugging Face folder.
     ExportTiny {
         /// Output folder.
@@ -246,6 +254,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Backends => backends(),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Step(a)) => bench_step(a),
+        Command::Orchestrator { port } => {
+            eprintln!("orchestrator: listening on 0.0.0.0:{port} (Ctrl-C to stop)");
+            wrpo_engine_core::train::dist::run_orchestrator(port)
+        }
         Command::ExportTiny { out } => export_tiny(out),
     }
 }

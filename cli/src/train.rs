@@ -7,12 +7,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use wrpo_engine_core::backend::{BackendChoice, NthDevice};
 use wrpo_engine_core::dispatch;
 use wrpo_engine_core::train::config::{
     embedded_preset, resolve, sft_embedded_preset, sft_preset, RunPaths, TrainArgs, TrainConfig,
 };
-use wrpo_engine_core::train::sft::run_sft;
-use wrpo_engine_core::train::{run_train, Event, TrainJob};
+use wrpo_engine_core::train::dist::World;
+use wrpo_engine_core::train::sft::{run_sft, run_sft_parallel};
+use wrpo_engine_core::train::{run_train, run_train_parallel, Event, TrainJob};
 
 use crate::BackendArg;
 
@@ -51,7 +53,83 @@ pub struct TrainCmd {
     #[command(flatten)]
     backend: BackendArg,
     #[command(flatten)]
+    dist: DistArgs,
+    #[command(flatten)]
     settings: TrainArgs,
+}
+
+/// Data parallelism (see the README's "Data parallelism").
+#[derive(Args)]
+pub struct DistArgs {
+    /// One data-parallel peer per device in this process, e.g. `cuda:0,cuda:1` or `wgpu:0,wgpu:1`
+    /// (sets the backend). `cpu,cpu`: peers that share the CPU (for tests).
+    #[arg(long, value_delimiter = ',', value_name = "KIND:INDEX,...")]
+    devices: Option<Vec<String>>,
+    /// Processes (machines) in the run; each runs this command with its own --node-rank.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// This process's rank in 0..nodes (rank 0 writes metrics and checkpoints).
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// The orchestrator every node registers with (`wrpo-engine orchestrator --port PORT`).
+    #[arg(long, value_name = "HOST:PORT")]
+    orchestrator: Option<String>,
+    /// Address at which the other nodes reach this one (default: this machine's address on the
+    /// route to the orchestrator).
+    #[arg(long)]
+    node_host: Option<String>,
+    /// Port of this node's tensor data service (default: orchestrator port + 1 + node rank).
+    #[arg(long)]
+    data_port: Option<u16>,
+    /// Bound on every collective call (register, all-reduce, finish); past it the node stops
+    /// with an error naming what did not answer.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    collective_timeout: f64,
+}
+
+impl DistArgs {
+    /// The world and the device indices (with the backend they imply), if data-parallel.
+    fn world(&self, backend: BackendChoice) -> Result<(World, BackendChoice, Vec<usize>)> {
+        let mut choice = backend;
+        let mut idx = vec![0];
+        if let Some(list) = &self.devices {
+            idx.clear();
+            for d in list {
+                let (kind, i) = d.split_once(':').unwrap_or((d.as_str(), "0"));
+                let k: BackendChoice = kind
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--devices {d}: {e}"))?;
+                let i: usize = i
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--devices {d}: bad device index {i:?}"))?;
+                if k == BackendChoice::Auto {
+                    anyhow::bail!("--devices {d}: name the backend (cuda:0, wgpu:0, cpu)");
+                }
+                if choice != BackendChoice::Auto && choice != k {
+                    anyhow::bail!(
+                        "--devices {d}: every device must be of one backend, and match --backend"
+                    );
+                }
+                choice = k;
+                idx.push(i);
+            }
+        }
+        anyhow::ensure!(
+            self.collective_timeout.is_finite() && self.collective_timeout > 0.0,
+            "--collective-timeout must be a positive number of seconds"
+        );
+        let world = World {
+            nodes: self.nodes,
+            node_rank: self.node_rank,
+            devices: idx.len(),
+            orchestrator: self.orchestrator.clone(),
+            node_host: self.node_host.clone(),
+            data_port: self.data_port,
+            timeout: std::time::Duration::from_secs_f64(self.collective_timeout),
+        };
+        world.validate()?;
+        Ok((world, choice, idx))
+    }
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -107,17 +185,43 @@ pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
             cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
         },
     };
-    let selected = crate::device(a.backend.backend)?;
+    let (world, choice, idx) = a.dist.world(a.backend.backend)?;
+    let selected = crate::device(choice)?;
     let mut view = Progress::new();
-    let summary = match recipe {
-        Recipe::Train => {
-            dispatch!(selected, B, device => run_train::<B>(&job, &device, &mut |e| view.event(e)))?
+    let summary = if world.size() == 1 {
+        match recipe {
+            Recipe::Train => {
+                dispatch!(selected, B, device => run_train::<B>(&job, &device, &mut |e| view.event(e)))?
+            }
+            Recipe::Sft => {
+                dispatch!(selected, B, device => run_sft::<B>(&job, &device, &mut |e| view.event(e)))?
+            }
         }
-        Recipe::Sft => {
-            dispatch!(selected, B, device => run_sft::<B>(&job, &device, &mut |e| view.event(e)))?
-        }
+    } else {
+        eprintln!(
+            "data parallel: node {} of {} · {} device peer(s) here · {} peers in all",
+            world.node_rank,
+            world.nodes,
+            world.devices,
+            world.size()
+        );
+        let on: &mut dyn FnMut(Event) = &mut |e| view.event(e);
+        dispatch!(selected, B, device => {
+            let devices: Vec<_> = idx.iter().map(|&i| device.nth(i)).collect();
+            match recipe {
+                Recipe::Train => run_train_parallel::<B>(&job, &world, &devices, on),
+                Recipe::Sft => run_sft_parallel::<B>(&job, &world, &devices, on),
+            }
+        })?
     };
     view.finish();
+    if !summary.wrote_outputs {
+        eprintln!(
+            "done: {} updates · node rank {} (global rank 0 writes metrics and models)",
+            summary.steps, world.node_rank
+        );
+        return Ok(());
+    }
     let png = summary.final_dir.join("training_curves.png");
     match crate::plot::plot_history(&summary.history, &png) {
         Ok(()) => eprintln!("plot: {}", png.display()),

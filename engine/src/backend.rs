@@ -201,3 +201,34 @@ fn wgpu_adapter(allow_cpu: bool) -> Option<(burn::backend::wgpu::WgpuDevice, Str
     }
     None
 }
+
+/// The `i`-th device of the same kind (for `--devices cuda:0,cuda:1`); the CPU and a software
+/// wgpu adapter have one device, which several peers then share.
+pub trait NthDevice: Sized {
+    /// Device `i` of this kind.
+    fn nth(&self, i: usize) -> Self;
+}
+
+impl NthDevice for burn::backend::cuda::CudaDevice {
+    fn nth(&self, i: usize) -> Self {
+        burn::backend::cuda::CudaDevice::new(i)
+    }
+}
+
+impl NthDevice for burn::backend::wgpu::WgpuDevice {
+    fn nth(&self, i: usize) -> Self {
+        use burn::backend::wgpu::WgpuDevice as W;
+        match self {
+            W::DiscreteGpu(_) => W::DiscreteGpu(i),
+            W::IntegratedGpu(_) => W::IntegratedGpu(i),
+            W::VirtualGpu(_) => W::VirtualGpu(i),
+            other => other.clone(),
+        }
+    }
+}
+
+impl NthDevice for burn::backend::ndarray::NdArrayDevice {
+    fn nth(&self, _: usize) -> Self {
+        *self
+    }
+}

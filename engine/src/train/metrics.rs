@@ -32,10 +32,26 @@ pub struct RowStats {
     pub reward_rejected: Vec<f64>,
 }
 
+/// The per-row metrics, in the order [`Meter::packed`] lays them out.
+pub const ROW_METRICS: [&str; 12] = [
+    "rewards/chosen",
+    "rewards/source_chosen",
+    "rewards/target_chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "rewards/source_accuracies",
+    "rewards/pivot_accuracies",
+    "logps/chosen",
+    "logps/source_chosen",
+    "logps/target_chosen",
+    "logps/rejected",
+];
+
 /// Running sums of the metrics over rows.
 #[derive(Debug, Clone, Default)]
 pub struct Meter {
-    sums: Vec<(&'static str, f64)>,
+    sums: [f64; 12],
     rows: usize,
 }
 
@@ -58,25 +74,23 @@ impl Meter {
             target
         };
         let rj = &r.reward_rejected;
+        // In the order of ROW_METRICS.
         let values = [
-            ("rewards/chosen", r.reward_chosen),
-            ("rewards/source_chosen", r.reward_source),
-            ("rewards/target_chosen", r.reward_target),
-            ("rewards/rejected", mean(rj)),
-            ("rewards/margins", r.reward_chosen - mean(rj)),
-            ("rewards/accuracies", frac(rj, r.reward_chosen)),
-            ("rewards/source_accuracies", frac(rj, r.reward_source)),
-            ("rewards/pivot_accuracies", frac(rj, r.reward_target)),
-            ("logps/chosen", r.alpha * source + (1.0 - r.alpha) * target),
-            ("logps/source_chosen", source),
-            ("logps/target_chosen", target),
-            ("logps/rejected", mean(&r.policy_rejected)),
+            r.reward_chosen,
+            r.reward_source,
+            r.reward_target,
+            mean(rj),
+            r.reward_chosen - mean(rj),
+            frac(rj, r.reward_chosen),
+            frac(rj, r.reward_source),
+            frac(rj, r.reward_target),
+            r.alpha * source + (1.0 - r.alpha) * target,
+            source,
+            target,
+            mean(&r.policy_rejected),
         ];
-        if self.sums.is_empty() {
-            self.sums = values.iter().map(|(k, _)| (*k, 0.0)).collect();
-        }
-        for (s, (_, v)) in self.sums.iter_mut().zip(values) {
-            s.1 += v;
+        for (s, v) in self.sums.iter_mut().zip(values) {
+            *s += v;
         }
         self.rows += 1;
     }
@@ -86,13 +100,29 @@ impl Meter {
         self.rows
     }
 
-    /// Means, keyed with `prefix` (`""` or `"eval/"`), added to `out`.
+    /// The sums then the row count, 13 numbers (to add meters of several peers in one
+    /// all-reduce).
+    pub fn packed(&self) -> Vec<f64> {
+        let mut v = self.sums.to_vec();
+        v.push(self.rows as f64);
+        v
+    }
+
+    /// Add a meter laid out by [`Meter::packed`].
+    pub fn add_packed(&mut self, v: &[f64]) {
+        for (s, x) in self.sums.iter_mut().zip(v) {
+            *s += x;
+        }
+        self.rows += v[12].round() as usize;
+    }
+
+    /// Means, keyed with `prefix` (`""` or `"eval/"`), added to `out` (nothing without rows).
     pub fn write_into(&self, prefix: &str, out: &mut Map<String, Value>) {
-        for (k, s) in &self.sums {
-            out.insert(
-                format!("{prefix}{k}"),
-                json_f64(s / self.rows.max(1) as f64),
-            );
+        if self.rows == 0 {
+            return;
+        }
+        for (k, s) in ROW_METRICS.iter().zip(&self.sums) {
+            out.insert(format!("{prefix}{k}"), json_f64(s / self.rows as f64));
         }
     }
 }

@@ -5,9 +5,12 @@
 //! schedule, log, checkpoint} → final model. Building blocks live beside it: [`config`] (YAML +
 //! flags), [`schedule`] (update counts, LR, data order), [`optim`] (flat parameters, clipping,
 //! AdamW as PyTorch computes them), [`step`] (one micro-batch), [`metrics`], [`state`]
-//! (checkpoints), [`refcache`] (precomputed reference log-probs).
+//! (checkpoints), [`refcache`] (precomputed reference log-probs), [`dist`] (data parallelism:
+//! sharding and the one all-reduce per update, over [`collective`]).
 
+pub mod collective;
 pub mod config;
+pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod refcache;
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
 use serde_json::{Map, Value};
 use wrpo_kernels::loss::{LossConfig, Objective};
 use wrpo_kernels::KernelBackend;
@@ -27,6 +31,7 @@ use wrpo_kernels::KernelBackend;
 use crate::data::{Dataset, EncodeOptions, Encoded, RowError};
 use crate::model::ModelSource;
 use config::{LossType, RunPaths, TrainConfig};
+use dist::{Peer, World};
 use metrics::{json_f64, Meter, MetricsFile};
 use optim::{clip_global_norm, AdamState, AdamW, Flat};
 use schedule::{epoch_order, lr_factor, Plan};
@@ -69,6 +74,8 @@ pub struct TrainSummary {
     pub steps: usize,
     /// Every metrics record of the run.
     pub history: Vec<Value>,
+    /// Whether this process wrote the outputs (global rank 0 of a data-parallel run).
+    pub wrote_outputs: bool,
 }
 
 /// A training job: the resolved configuration and the paths.
@@ -163,15 +170,47 @@ fn load_split(
     Ok((ds, k1, r))
 }
 
-/// Run `train`. `B` is the inner backend; the policy trains on `Autodiff<B>`.
+/// Run `train` on one device. `B` is the inner backend; the policy trains on `Autodiff<B>`.
 pub fn run_train<B: KernelBackend>(
     job: &TrainJob,
+    device: &B::Device,
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainSummary> {
+    run_train_peer(job, &mut Peer::<B>::single(), device, on)
+}
+
+/// Run `train` data-parallel: one peer per device of `devices` in this process (threads), as
+/// node `world.node_rank` of `world.nodes`. Events come from the process's first peer.
+pub fn run_train_parallel<B: KernelBackend>(
+    job: &TrainJob,
+    world: &World,
+    devices: &[B::Device],
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainSummary> {
+    let job = job.clone();
+    dist::on_each_device(
+        world,
+        devices,
+        on,
+        std::sync::Arc::new(
+            move |peer: &mut Peer<B>, device: &B::Device, on: &mut dyn FnMut(Event)| {
+                run_train_peer(&job, peer, device, on)
+            },
+        ),
+    )
+}
+
+/// Run `train` as one peer of a data-parallel run (or alone, with [`Peer::single`]).
+pub fn run_train_peer<B: KernelBackend>(
+    job: &TrainJob,
+    peer: &mut Peer<B>,
     device: &B::Device,
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
     // ---- setup ------------------------------------------------------------------------------
     let (cfg, paths) = (&job.cfg, &job.paths);
     cfg.validate()?;
+    let (writes, world_size) = (peer.writes(), peer.world().size());
     let source = ModelSource::from_arg(paths.model.as_deref());
     let model_cfg = source.config()?;
     let tok = source.tokenizer(&model_cfg)?;
@@ -204,13 +243,15 @@ pub fn run_train<B: KernelBackend>(
         (None, false) => vec![],
     };
     let rows = train.rows;
-    let plan = Plan::new(cfg, rows.len());
+    let plan = Plan::new(cfg, rows.len(), peer.world().size());
     let pad = tok
         .as_ref()
         .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
         .map_or(0, |(_, id)| *id);
-    std::fs::create_dir_all(&paths.output)
-        .with_context(|| format!("creating {}", paths.output.display()))?;
+    if writes {
+        std::fs::create_dir_all(&paths.output)
+            .with_context(|| format!("creating {}", paths.output.display()))?;
+    }
     on(Event::Note(format!(
         "model {} · {} training rows ({} chosen + {} rejected each){} · {} updates of {} rows",
         source.label(),
@@ -229,7 +270,7 @@ pub fn run_train<B: KernelBackend>(
     let (initial, _) = source.load::<B>(device)?;
     let mut params = Flat::of_model(&initial);
     let reference = build_reference::<B>(
-        job, &source, initial, &rows, &all_lines, &eval, pad, device, on,
+        job, peer, &source, initial, &rows, &all_lines, &eval, pad, device, on,
     )?;
     let (ref_train, ref_eval) = reference;
     let adamw = AdamW {
@@ -243,7 +284,7 @@ pub fn run_train<B: KernelBackend>(
     let mut start = 0usize;
     if let Some(dir) = resume_dir(paths)? {
         let restored = state::load_checkpoint(&dir, &params, device)?;
-        check_resume(&restored.state, cfg, &source, &plan)?;
+        check_resume(&restored.state, cfg, &source, &plan, peer.world().size())?;
         params = restored.params;
         opt = restored.opt;
         start = restored.state.global_step as usize;
@@ -253,10 +294,13 @@ pub fn run_train<B: KernelBackend>(
             dir.display()
         )));
     }
-    let mut metrics_file = MetricsFile::open(
-        &paths.output.join("metrics.jsonl"),
-        (start > 0).then_some(start as u64),
-    )?;
+    let mut metrics_file = match writes {
+        true => Some(MetricsFile::open(
+            &paths.output.join("metrics.jsonl"),
+            (start > 0).then_some(start as u64),
+        )?),
+        false => None,
+    };
     let tokenizer_files = match &paths.model {
         Some(d) => TokenizerFiles::Dir(d.clone()),
         None => TokenizerFiles::Embedded,
@@ -272,6 +316,7 @@ pub fn run_train<B: KernelBackend>(
         ),
         config: cfg.clone(),
         log_history: history.to_vec(),
+        world_size: world_size as u64,
     };
     on(Event::Started {
         plan: &plan,
@@ -295,22 +340,34 @@ pub fn run_train<B: KernelBackend>(
         let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, s, plan.warmup, plan.total);
         let loss_cfg = loss_config(cfg, alpha);
         let mut grads: Option<Vec<burn::tensor::Tensor<B, 1>>> = None;
-        let mut step_loss = 0.0;
-        for micro in ids.chunks(cfg.per_device_train_batch_size) {
+        let (mut step_loss, mut step_meter, mut step_tokens) = (0.0, Meter::default(), 0usize);
+        // This peer's rows of the global batch (all of them without data parallelism).
+        for micro in peer
+            .shard(ids, plan.per_peer)
+            .chunks(cfg.per_device_train_batch_size)
+        {
             let batch: Vec<&Encoded> = micro.iter().map(|&i| &rows[i]).collect();
             let scale = micro.len() as f64 / ids.len() as f64;
             let out = micro_step(
                 &model_cfg, &params, &ref_train, &loss_cfg, &batch, micro, pad, scale, device,
             );
             step_loss += out.loss * scale;
-            interval_tokens += out.tokens;
-            out.rows.iter().for_each(|row| meter.add(row));
+            step_tokens += out.tokens;
+            out.rows.iter().for_each(|row| step_meter.add(row));
             grads = Some(match grads {
                 None => out.grads,
                 Some(acc) => acc.into_iter().zip(out.grads).map(|(a, g)| a + g).collect(),
             });
         }
-        let mut grads = grads.expect("a global batch has at least one row");
+        // A peer past the end of a last, partial batch adds zeros.
+        let grads = grads.unwrap_or_else(|| params.zeros_like().values);
+        // Sum over peers: gradients, loss, metric sums, tokens (one all-reduce).
+        let mut stats = vec![step_loss, step_tokens as f64];
+        stats.extend(step_meter.packed());
+        let (mut grads, stats) = peer.sum_update(&format!("update {}", s + 1), grads, stats)?;
+        let step_loss = stats[0];
+        interval_tokens += stats[1].round() as usize;
+        meter.add_packed(&stats[2..]);
         let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
         if !step_loss.is_finite() || !grad_norm.is_finite() {
             bail!(
@@ -345,7 +402,9 @@ pub fn run_train<B: KernelBackend>(
                 "tokens_per_second".into(),
                 json_f64(interval_tokens as f64 / secs.max(1e-9)),
             );
-            metrics_file.write(&rec)?;
+            if let Some(f) = metrics_file.as_mut() {
+                f.write(&rec)?;
+            }
             history.push(Value::Object(rec.clone()));
             record = Some(rec);
             meter = Meter::default();
@@ -357,17 +416,20 @@ pub fn run_train<B: KernelBackend>(
             loss: step_loss,
             record: record.as_ref(),
         });
-        let eval_now = !eval.is_empty()
+        let eval_now = writes
+            && !eval.is_empty()
             && ((cfg.eval_steps > 0 && done % cfg.eval_steps == 0) || done == plan.total);
         if eval_now {
             let rec = evaluate(
                 cfg, &model_cfg, &params, &ref_eval, &eval, done, alpha, pad, device,
             );
-            metrics_file.write(&rec)?;
+            if let Some(f) = metrics_file.as_mut() {
+                f.write(&rec)?;
+            }
             history.push(Value::Object(rec.clone()));
             on(Event::Eval(&rec));
         }
-        if cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < plan.total {
+        if writes && cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < plan.total {
             let dir = paths.output.join(format!("checkpoint-{done}"));
             state::save_checkpoint(
                 &dir,
@@ -383,14 +445,48 @@ pub fn run_train<B: KernelBackend>(
     }
 
     // ---- finish -------------------------------------------------------------------------------
-    let final_dir = paths.output.join("final");
-    let st = trainer_state(plan.total, &history);
-    state::save_checkpoint(&final_dir, &params, &opt, &model_cfg, &tokenizer_files, &st)?;
-    on(Event::Note(format!("saved {}", final_dir.display())));
-    Ok(TrainSummary {
-        final_dir,
-        steps: plan.total,
+    finish(
+        peer,
+        &paths.output.join("final"),
+        plan.total,
         history,
+        on,
+        &mut |dir, history| {
+            let st = trainer_state(plan.total, history);
+            state::save_checkpoint(dir, &params, &opt, &model_cfg, &tokenizer_files, &st)
+        },
+    )
+}
+
+/// The end of a run: the final model (written by the writing peer only) and the summary.
+pub(crate) fn finish<B: Backend>(
+    peer: &mut Peer<B>,
+    final_dir: &Path,
+    steps: usize,
+    history: Vec<Value>,
+    on: &mut dyn FnMut(Event),
+    save: &mut dyn FnMut(&Path, &[Value]) -> Result<()>,
+) -> Result<TrainSummary> {
+    let writes = peer.writes();
+    if writes {
+        save(final_dir, &history)?;
+        on(Event::Note(format!("saved {}", final_dir.display())));
+    }
+    let updates = peer.updates_synced();
+    if updates > 0 {
+        on(Event::Note(format!(
+            "data parallel: rank {} of {} · all-reduce {:.1} ms per update (mean of {updates})",
+            peer.rank(),
+            peer.world().size(),
+            peer.comm_time.as_secs_f64() * 1e3 / updates as f64
+        )));
+    }
+    peer.close()?;
+    Ok(TrainSummary {
+        final_dir: final_dir.to_path_buf(),
+        steps,
+        history,
+        wrote_outputs: writes,
     })
 }
 
@@ -476,7 +572,14 @@ pub(crate) fn check_resume(
     cfg: &TrainConfig,
     source: &ModelSource,
     plan: &Plan,
+    world_size: usize,
 ) -> Result<()> {
+    if st.world_size as usize != world_size {
+        bail!(
+            "--resume: the checkpoint was written by a run of {} peers (devices × nodes), this run has {world_size}: the global batch (per-device batch × accumulation × peers), and so every update, would differ. Resume with the same --nodes and --devices",
+            st.world_size
+        );
+    }
     if st.model != source.label() {
         bail!(
             "--resume: the checkpoint was trained from {} but --model is {}",
@@ -521,6 +624,7 @@ pub(crate) fn check_resume(
 #[allow(clippy::too_many_arguments)]
 fn build_reference<B: KernelBackend>(
     job: &TrainJob,
+    peer: &mut Peer<B>,
     source: &ModelSource,
     initial: wrpo_models::Llama<B>,
     rows: &[Encoded],
@@ -575,7 +679,34 @@ fn build_reference<B: KernelBackend>(
             .cache_dir
             .join("ref-logps")
             .join(format!("{key}.json"));
-        let table = match refcache::load(&path, split)? {
+        let cached = refcache::load(&path, split)?;
+        if peer.world().size() > 1 {
+            // Data-parallel: each peer scores its share, one all-reduce shares the table.
+            let batch = cfg.per_device_train_batch_size;
+            let t = refcache::compute_shared(
+                peer,
+                cached.as_deref(),
+                &model,
+                &model_cfg,
+                split,
+                pad,
+                device,
+                batch,
+            )?;
+            if cached.is_none() && peer.writes() {
+                refcache::store(&path, &t)?;
+            }
+            on(Event::Note(format!(
+                "reference log-probs: {} rows, {} by {} peers, cache {}",
+                split.len(),
+                if cached.is_some() { "read" } else { "computed" },
+                peer.world().size(),
+                path.display()
+            )));
+            tables.push(Reference::Table(t));
+            continue;
+        }
+        let table = match cached {
             Some(t) => {
                 on(Event::Note(format!(
                     "reference log-probs: cached {}",

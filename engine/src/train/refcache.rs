@@ -78,6 +78,67 @@ pub fn compute<B: KernelBackend>(
         .collect()
 }
 
+/// [`compute`] once over a data-parallel run: global rank r scores rows `i ≡ r (mod peers)`
+/// (or takes them from its `cached` table), and one all-reduce (a sum: every row is non-zero on
+/// exactly one peer) gives every peer the whole table.
+#[allow(clippy::too_many_arguments)]
+pub fn compute_shared<B: KernelBackend>(
+    peer: &mut super::dist::Peer<B>,
+    cached: Option<&[RowLogps]>,
+    model: &Llama<B>,
+    cfg: &LlamaConfig,
+    rows: &[Encoded],
+    pad: u32,
+    device: &B::Device,
+    batch: usize,
+) -> Result<Vec<RowLogps>> {
+    use burn::tensor::{Tensor, TensorData};
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let (size, rank) = (peer.world().size(), peer.rank());
+    let (k1, width) = (
+        rows[0].chosen.len(),
+        rows[0].chosen.len() + rows[0].rejected.len(),
+    );
+    let mine: Vec<usize> = (0..rows.len()).filter(|i| i % size == rank).collect();
+    let local: Vec<RowLogps> = match cached {
+        Some(t) => mine.iter().map(|&i| t[i].clone()).collect(),
+        None => {
+            let sub: Vec<Encoded> = mine.iter().map(|&i| rows[i].clone()).collect();
+            compute(model, cfg, &sub, pad, device, batch)
+        }
+    };
+    let mut flat = vec![0f32; rows.len() * width];
+    for (&i, r) in mine.iter().zip(&local) {
+        for (j, &x) in r.chosen.iter().chain(&r.rejected).enumerate() {
+            flat[i * width + j] = x as f32;
+        }
+    }
+    let n = flat.len();
+    let t = Tensor::<B, 1>::from_data(TensorData::new(flat, [n]), device);
+    let (sum, _) = peer.sum_update("the reference log-probs", vec![t], vec![])?;
+    let v: Vec<f32> = sum[0]
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32");
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let row = &v[i * width..(i + 1) * width];
+            RowLogps {
+                chosen: row[..k1].iter().map(|&x| x as f64).collect(),
+                rejected: row[k1..].iter().map(|&x| x as f64).collect(),
+                chosen_tokens: e.chosen.iter().map(Vec::len).collect(),
+                rejected_tokens: e.rejected.iter().map(Vec::len).collect(),
+            }
+        })
+        .collect())
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Stored {
     chosen: Vec<Vec<f64>>,

@@ -7,8 +7,12 @@ use super::config::{LrSchedule, TrainConfig};
 pub struct Plan {
     /// Rows in the training split.
     pub rows: usize,
-    /// Rows per optimizer update (`per_device_train_batch_size × gradient_accumulation_steps`).
+    /// Rows per optimizer update (`per_device_train_batch_size × gradient_accumulation_steps ×
+    /// peers`).
     pub global_batch: usize,
+    /// Rows of an update that one peer computes (`per_device_train_batch_size ×
+    /// gradient_accumulation_steps`).
+    pub per_peer: usize,
     /// Updates per epoch (`ceil(rows / global_batch)`; a last partial batch is still an update).
     pub updates_per_epoch: usize,
     /// Total updates T (`max_steps` when > 0, else epochs × updates per epoch).
@@ -18,9 +22,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of `cfg` over `rows` rows.
-    pub fn new(cfg: &TrainConfig, rows: usize) -> Self {
-        let global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    /// The plan of `cfg` over `rows` rows with `peers` data-parallel peers (devices × nodes; 1
+    /// without data parallelism). Updates, and so the α and LR schedules, count global updates.
+    pub fn new(cfg: &TrainConfig, rows: usize, peers: usize) -> Self {
+        let per_peer = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+        let global_batch = per_peer * peers.max(1);
         let updates_per_epoch = rows.div_ceil(global_batch).max(1);
         let total = if cfg.max_steps > 0 {
             cfg.max_steps as usize
@@ -35,6 +41,7 @@ impl Plan {
         Plan {
             rows,
             global_batch,
+            per_peer,
             updates_per_epoch,
             total,
             warmup,
@@ -97,14 +104,17 @@ mod tests {
 
     #[test]
     fn plan_counts_updates_like_hf() {
-        let p = Plan::new(&cfg(2, 2, 2), 12);
+        let p = Plan::new(&cfg(2, 2, 2), 12, 1);
         assert_eq!((p.updates_per_epoch, p.total, p.warmup), (3, 6, 1)); // ceil(0.1·6) = 1
-        let p = Plan::new(&cfg(2, 2, 1), 13); // partial last batch is an update
+                                                                         // Two peers of the same per-device layout: twice the global batch, half the updates.
+        let p2 = Plan::new(&cfg(2, 2, 2), 12, 2);
+        assert_eq!((p2.global_batch, p2.per_peer, p2.total), (8, 4, 4));
+        let p = Plan::new(&cfg(2, 2, 1), 13, 1); // partial last batch is an update
         assert_eq!(p.updates_per_epoch, 4);
         let mut c = cfg(2, 8, 1);
         c.max_steps = 311;
         c.warmup_steps = 0;
-        let p = Plan::new(&c, 100);
+        let p = Plan::new(&c, 100, 1);
         assert_eq!((p.total, p.warmup), (311, 32)); // authors: ≈311 steps, warm-up 10 %
         assert_eq!(p.locate(8), (1, 1));
     }

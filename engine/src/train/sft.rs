@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use wrpo_kernels::{logprobs::sequence_logprobs, KernelBackend};
 use wrpo_models::{Llama, LlamaConfig};
 
+use super::dist::{self, Peer, World};
 use super::metrics::{json_f64, MetricsFile};
 use super::optim::{clip_global_norm, AdamState, AdamW, Flat};
 use super::schedule::{epoch_order, lr_factor, Plan};
@@ -168,8 +169,39 @@ pub fn run_sft<B: KernelBackend>(
     device: &B::Device,
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
+    run_sft_peer(job, &mut Peer::<B>::single(), device, on)
+}
+
+/// Run `sft` data-parallel (see [`super::run_train_parallel`]).
+pub fn run_sft_parallel<B: KernelBackend>(
+    job: &TrainJob,
+    world: &World,
+    devices: &[B::Device],
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainSummary> {
+    let job = job.clone();
+    dist::on_each_device(
+        world,
+        devices,
+        on,
+        std::sync::Arc::new(
+            move |peer: &mut Peer<B>, device: &B::Device, on: &mut dyn FnMut(Event)| {
+                run_sft_peer(&job, peer, device, on)
+            },
+        ),
+    )
+}
+
+/// Run `sft` as one peer of a data-parallel run (or alone, with [`Peer::single`]).
+pub fn run_sft_peer<B: KernelBackend>(
+    job: &TrainJob,
+    peer: &mut Peer<B>,
+    device: &B::Device,
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainSummary> {
     // ---- setup ------------------------------------------------------------------------------
     let (cfg, paths) = (&job.cfg, &job.paths);
+    let (writes, world_size) = (peer.writes(), peer.world().size());
     cfg.validate()?;
     let source = ModelSource::from_arg(paths.model.as_deref());
     let model_cfg = source.config()?;
@@ -212,13 +244,15 @@ pub fn run_sft<B: KernelBackend>(
     } else {
         (0..rows.len()).map(|i| vec![i]).collect()
     };
-    let plan = Plan::new(cfg, units.len());
+    let plan = Plan::new(cfg, units.len(), peer.world().size());
     let pad = tok
         .as_ref()
         .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
         .map_or(0, |(_, id)| *id);
-    std::fs::create_dir_all(&paths.output)
-        .with_context(|| format!("creating {}", paths.output.display()))?;
+    if writes {
+        std::fs::create_dir_all(&paths.output)
+            .with_context(|| format!("creating {}", paths.output.display()))?;
+    }
     on(Event::Note(format!(
         "sft: model {} · {} examples{} · loss on {} · {} updates of {} {}",
         source.label(),
@@ -254,7 +288,7 @@ pub fn run_sft<B: KernelBackend>(
     let (mut start, mut history) = (0usize, Vec::<Value>::new());
     if let Some(dir) = resume_dir(paths)? {
         let r = state::load_checkpoint(&dir, &params, device)?;
-        super::check_resume(&r.state, cfg, &source, &plan)?;
+        super::check_resume(&r.state, cfg, &source, &plan, peer.world().size())?;
         (params, opt, start, history) = (
             r.params,
             r.opt,
@@ -266,10 +300,13 @@ pub fn run_sft<B: KernelBackend>(
             dir.display()
         )));
     }
-    let mut metrics_file = MetricsFile::open(
-        &paths.output.join("metrics.jsonl"),
-        (start > 0).then_some(start as u64),
-    )?;
+    let mut metrics_file = match writes {
+        true => Some(MetricsFile::open(
+            &paths.output.join("metrics.jsonl"),
+            (start > 0).then_some(start as u64),
+        )?),
+        false => None,
+    };
     let tokenizer_files = paths
         .model
         .clone()
@@ -282,6 +319,7 @@ pub fn run_sft<B: KernelBackend>(
         data: label.display().to_string(),
         config: cfg.clone(),
         log_history: history.to_vec(),
+        world_size: world_size as u64,
     };
     on(Event::Started {
         plan: &plan,
@@ -310,8 +348,11 @@ pub fn run_sft<B: KernelBackend>(
             .map(|&i| scored(&rows[i], cfg.completion_only))
             .sum();
         let mut grads: Option<Vec<Tensor<B, 1>>> = None;
-        let (mut nll, mut correct) = (0.0, 0.0);
-        for micro in ids.chunks(cfg.per_device_train_batch_size) {
+        let (mut nll, mut correct, mut tokens) = (0.0, 0.0, 0usize);
+        for micro in peer
+            .shard(ids, plan.per_peer)
+            .chunks(cfg.per_device_train_batch_size)
+        {
             let batch: Vec<Vec<&SftExample>> = micro
                 .iter()
                 .map(|&u| units[u].iter().map(|&i| &rows[i]).collect())
@@ -327,13 +368,21 @@ pub fn run_sft<B: KernelBackend>(
                 device,
             );
             (nll, correct) = (nll + out.nll, correct + out.correct);
-            acc_tokens += out.tokens;
+            tokens += out.tokens;
             grads = Some(match grads {
                 None => out.grads,
                 Some(acc) => acc.into_iter().zip(out.grads).map(|(a, g)| a + g).collect(),
             });
         }
-        let mut grads = grads.expect("a global batch has at least one row");
+        // A peer past the end of a last, partial batch adds zeros; then the sum over peers.
+        let grads = grads.unwrap_or_else(|| params.zeros_like().values);
+        let (mut grads, stats) = peer.sum_update(
+            &format!("update {}", s + 1),
+            grads,
+            vec![nll, correct, tokens as f64],
+        )?;
+        let (nll, correct) = (stats[0], stats[1]);
+        acc_tokens += stats[2].round() as usize;
         let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
         let loss = nll / n_scored.max(1) as f64;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -360,7 +409,9 @@ pub fn run_sft<B: KernelBackend>(
                 "tokens_per_second".into(),
                 json_f64(acc_tokens as f64 / secs),
             );
-            metrics_file.write(&rec)?;
+            if let Some(f) = metrics_file.as_mut() {
+                f.write(&rec)?;
+            }
             history.push(Value::Object(rec.clone()));
             record = Some(rec);
             (acc_nll, acc_correct, acc_scored, acc_tokens) = (0.0, 0.0, 0, 0);
@@ -371,7 +422,8 @@ pub fn run_sft<B: KernelBackend>(
             loss,
             record: record.as_ref(),
         });
-        if cfg.save_steps > 0 && done.is_multiple_of(cfg.save_steps) && done < plan.total {
+        if writes && cfg.save_steps > 0 && done.is_multiple_of(cfg.save_steps) && done < plan.total
+        {
             let dir = paths.output.join(format!("checkpoint-{done}"));
             state::save_checkpoint(
                 &dir,
@@ -387,19 +439,15 @@ pub fn run_sft<B: KernelBackend>(
     }
 
     // ---- finish -------------------------------------------------------------------------------
-    let final_dir = paths.output.join("final");
-    state::save_checkpoint(
-        &final_dir,
-        &params,
-        &opt,
-        &model_cfg,
-        &tokenizer_files,
-        &trainer_state(plan.total, &history),
-    )?;
-    on(Event::Note(format!("saved {}", final_dir.display())));
-    Ok(TrainSummary {
-        final_dir,
-        steps: plan.total,
+    super::finish(
+        peer,
+        &paths.output.join("final"),
+        plan.total,
         history,
-    })
+        on,
+        &mut |dir, history| {
+            let st = trainer_state(plan.total, history);
+            state::save_checkpoint(dir, &params, &opt, &model_cfg, &tokenizer_files, &st)
+        },
+    )
 }

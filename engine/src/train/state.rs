@@ -33,6 +33,14 @@ pub struct TrainerState {
     pub config: TrainConfig,
     /// Metrics records so far.
     pub log_history: Vec<serde_json::Value>,
+    /// Peers (devices × nodes) of the run that wrote it; a resume needs the same (the global
+    /// batch, hence every update, depends on it). Absent in older checkpoints: 1.
+    #[serde(default = "one")]
+    pub world_size: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Files copied from the model folder into every checkpoint, when present.

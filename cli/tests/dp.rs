@@ -1,0 +1,400 @@
+//! Data parallelism end to end with the `wrpo-engine` binary on the cpu backend, loopback only:
+//! two nodes (processes) with per-device batch 2 against one process with batch 4 on the same
+//! data (same trajectory and final weights up to f32 summation order), two device peers in one
+//! process likewise, and failures (a killed peer, an unreachable orchestrator) that end every
+//! process with an error in bounded time and leave the last checkpoint intact.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wrpo_engine_core::train::state::read_safetensors;
+use wrpo_tests::{assert_close, tol};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wrpo-dp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A port nobody listens on right now (bind to port 0, read it, close).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when dropped (a failing test leaves no process behind).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn orchestrator() -> (Guard, u16) {
+    let port = free_port();
+    let child = bin()
+        .args(["orchestrator", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "orchestrator did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Guard(child), port)
+}
+
+/// The embedded tiny model on the bundled rows: 5 updates (the first at LR 0: warm-up), no eval,
+/// no intermediate checkpoints; `over` replaces settings (`("save-steps", "1")`).
+fn train(out: &Path, batch: usize, over: &[(&str, &str)]) -> Command {
+    recipe("train", out, batch, over)
+}
+
+/// [`train`] for `train` or `sft`.
+fn recipe(command: &str, out: &Path, batch: usize, over: &[(&str, &str)]) -> Command {
+    let batch = batch.to_string();
+    let mut settings: BTreeMap<&str, &str> = [
+        ("max-steps", "5"),
+        ("per-device-train-batch-size", batch.as_str()),
+        ("gradient-accumulation-steps", "1"),
+        ("eval-fraction", "0"),
+        ("save-steps", "0"),
+    ]
+    .into_iter()
+    .collect();
+    settings.extend(over.iter().copied());
+    let mut c = bin();
+    c.args([command, "--backend", "cpu", "--output"]).arg(out);
+    for (k, v) in settings {
+        c.arg(format!("--{k}")).arg(v);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn node(cmd: &mut Command, nodes: usize, rank: usize, orch: u16) -> &mut Command {
+    cmd.args([
+        "--nodes",
+        &nodes.to_string(),
+        "--node-rank",
+        &rank.to_string(),
+    ])
+    .args(["--orchestrator", &format!("127.0.0.1:{orch}")])
+    .args(["--data-port", &free_port().to_string()])
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn metrics(out: &Path) -> Vec<BTreeMap<String, f64>> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.as_str() != "tokens_per_second")
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Every metric of every update and the final weights of `got` against `want`.
+fn same_run(label: &str, got: &Path, want: &Path) {
+    let (g, w) = (metrics(got), metrics(want));
+    assert_eq!(g.len(), w.len(), "{label}: number of records");
+    assert_eq!(g.len(), 5, "{label}: one record per update");
+    for key in w[0].keys() {
+        // A token accuracy counts arg-max ties broken by rounding: one token either way.
+        let tol = if key == "mean_token_accuracy" {
+            tol::TOKEN_ACCURACY
+        } else {
+            tol::DATA_PARALLEL_F32
+        };
+        let gv: Vec<f64> = g.iter().map(|r| r[key]).collect();
+        let wv: Vec<f64> = w.iter().map(|r| r[key]).collect();
+        let rep = assert_close(&format!("{label} {key}"), &gv, &wv, tol);
+        println!(
+            "{label} {key:28} max abs {:.2e} max rel {:.2e}",
+            rep.max_abs, rep.max_rel
+        );
+    }
+    let gw = read_safetensors(&got.join("final/model.safetensors")).unwrap();
+    let ww = read_safetensors(&want.join("final/model.safetensors")).unwrap();
+    let (mut a, mut b) = (vec![], vec![]);
+    let mut names: Vec<&String> = ww.keys().collect();
+    names.sort();
+    for n in names {
+        a.extend(gw[n].1.iter().map(|&x| x as f64));
+        b.extend(ww[n].1.iter().map(|&x| x as f64));
+    }
+    let rep = assert_close(
+        &format!("{label} final weights"),
+        &a,
+        &b,
+        tol::DATA_PARALLEL_WEIGHTS_F32,
+    );
+    println!(
+        "{label} final weights max abs {:.2e} max rel {:.2e}",
+        rep.max_abs, rep.max_rel
+    );
+}
+
+/// Node 0's and node 1's stderr of a 2-node run of [`train`] with batch 2 (both succeed).
+fn two_nodes(out: &Path, over: &[(&str, &str)]) -> (String, String) {
+    let (_orch, port) = orchestrator();
+    // Both nodes get the same --output (as on a shared file system); only rank 0 writes.
+    let mut n1 = Guard(node(&mut train(out, 2, over), 2, 1, port).spawn().unwrap());
+    let n0 = node(&mut train(out, 2, over), 2, 0, port).output().unwrap();
+    let mut e1 = String::new();
+    std::io::Read::read_to_string(&mut n1.0.stderr.take().unwrap(), &mut e1).unwrap();
+    let s1 = n1.0.wait().unwrap();
+    assert!(n0.status.success(), "node 0: {}", stderr(&n0));
+    assert!(s1.success(), "node 1: {e1}");
+    (stderr(&n0), e1)
+}
+
+#[test]
+fn two_nodes_of_batch_2_match_one_process_of_batch_4() {
+    let dir = tmp("nodes");
+    let single = train(&dir.join("single"), 4, &[]).output().unwrap();
+    assert!(single.status.success(), "{}", stderr(&single));
+    let (e0, _) = two_nodes(&dir.join("dp"), &[]);
+    assert!(e0.contains("all-reduce"), "{e0}");
+    for line in e0
+        .lines()
+        .filter(|l| l.contains("all-reduce") || l.contains("tok/s"))
+    {
+        println!("node 0: {line}");
+    }
+    same_run(
+        "2 nodes × batch 2 vs 1 × batch 4",
+        &dir.join("dp"),
+        &dir.join("single"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--precompute-ref`: each node scores half the rows, one all-reduce shares the table, rank 0
+/// caches it; the trajectory is the single process's (which scores every row itself).
+#[test]
+fn two_nodes_share_the_precomputed_reference() {
+    let dir = tmp("precompute");
+    let cache = |name: &str| dir.join(name).display().to_string();
+    let (c1, c2) = (cache("cache1"), cache("cache2"));
+    let single = train(
+        &dir.join("single"),
+        4,
+        &[("precompute-ref", "true"), ("cache-dir", &c1)],
+    )
+    .output()
+    .unwrap();
+    assert!(single.status.success(), "{}", stderr(&single));
+    let (e0, _) = two_nodes(
+        &dir.join("dp"),
+        &[("precompute-ref", "true"), ("cache-dir", &c2)],
+    );
+    assert!(e0.contains("computed by 2 peers"), "{e0}");
+    // Rank 0 caches the shared tables (training and eval split) as a single process does.
+    let count = |c: &str| {
+        std::fs::read_dir(dir.join(c).join("ref-logps"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(count("cache2"), count("cache1"));
+    same_run(
+        "2 nodes × batch 2 vs 1 × batch 4, precomputed reference",
+        &dir.join("dp"),
+        &dir.join("single"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_device_peers_in_one_process_match_one_device() {
+    let dir = tmp("devices");
+    let single = train(&dir.join("single"), 4, &[]).output().unwrap();
+    assert!(single.status.success(), "{}", stderr(&single));
+    let two = train(&dir.join("two"), 2, &[])
+        .args(["--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert!(two.status.success(), "{}", stderr(&two));
+    same_run(
+        "--devices cpu,cpu × batch 2 vs 1 × batch 4",
+        &dir.join("two"),
+        &dir.join("single"),
+    );
+    // A checkpoint of 2 peers does not resume with 1.
+    let ckpt = train(&dir.join("ck"), 2, &[("save-steps", "1")])
+        .args(["--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert!(ckpt.status.success(), "{}", stderr(&ckpt));
+    let again = train(&dir.join("ck"), 2, &[("save-steps", "1")])
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("written by a run of 2 peers (devices × nodes), this run has 1"),
+        "{}",
+        stderr(&again)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sft_two_device_peers_match_one_device() {
+    let dir = tmp("sft");
+    let single = recipe("sft", &dir.join("single"), 4, &[]).output().unwrap();
+    assert!(single.status.success(), "{}", stderr(&single));
+    let two = recipe("sft", &dir.join("two"), 2, &[])
+        .args(["--devices", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert!(two.status.success(), "{}", stderr(&two));
+    same_run(
+        "sft --devices cpu,cpu × batch 2 vs 1 × batch 4",
+        &dir.join("two"),
+        &dir.join("single"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_node_stops_the_other_in_bounded_time_and_keeps_the_checkpoint() {
+    let dir = tmp("kill");
+    let (_orch, port) = orchestrator();
+    let out = dir.join("out");
+    let long = |rank| {
+        let mut c = train(
+            &out,
+            2,
+            &[
+                ("max-steps", "500"),
+                ("save-steps", "1"),
+                ("save-total-limit", "2"),
+            ],
+        );
+        node(&mut c, 2, rank, port).args(["--collective-timeout", "10"]);
+        c
+    };
+    let mut n0 = Guard(long(0).spawn().unwrap());
+    let mut n1 = Guard(long(1).spawn().unwrap());
+    let t0 = Instant::now();
+    while !out
+        .join("checkpoint-1")
+        .join("trainer_state.json")
+        .is_file()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint-1");
+        assert!(n0.0.try_wait().unwrap().is_none(), "node 0 ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n1.0.kill().unwrap();
+    n1.0.wait().unwrap();
+    let killed = Instant::now();
+    // Bound: the collective timeout (10 s) plus one update and the error path.
+    let status = loop {
+        if let Some(s) = n0.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "node 0 still running 60 s after node 1 was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let waited = killed.elapsed();
+    let mut err = String::new();
+    use std::io::Read;
+    n0.0.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    println!(
+        "node 0 stopped {:.1} s after node 1 was killed",
+        waited.as_secs_f64()
+    );
+    assert!(!status.success(), "node 0 succeeded: {err}");
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("");
+    println!("{last}");
+    assert!(
+        last.contains("node rank 1"),
+        "the error names the peer: {err}"
+    );
+    // The newest checkpoint is complete: its state parses and its weights load.
+    let mut ckpts: Vec<(usize, PathBuf)> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name()?.to_str()?.to_string();
+            assert!(
+                !name.starts_with('.'),
+                "a temporary folder was left: {name}"
+            );
+            Some((name.strip_prefix("checkpoint-")?.parse().ok()?, p))
+        })
+        .collect();
+    ckpts.sort();
+    let (step, newest) = ckpts.last().unwrap();
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(newest.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(st["global_step"].as_u64().unwrap() as usize, *step);
+    assert_eq!(st["world_size"].as_u64().unwrap(), 2);
+    assert!(!read_safetensors(&newest.join("model.safetensors"))
+        .unwrap()
+        .is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unreachable_orchestrator_is_an_error_in_bounded_time() {
+    let dir = tmp("noorch");
+    let port = free_port(); // nobody listens
+    let t0 = Instant::now();
+    let o = node(&mut train(&dir.join("out"), 2, &[]), 2, 0, port)
+        .args(["--collective-timeout", "3"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "the orchestrator at 127.0.0.1:{port} does not answer"
+        )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
