@@ -350,6 +350,35 @@ impl LocalBarrier {
     }
 }
 
+/// Run `recipe` data-parallel: one peer per device of `devices` in this process (threads), as
+/// node `world.node_rank` of `world.nodes` ([`on_each_device`]). `recipe` runs one peer
+/// (`run_train_peer`, `run_sft_peer`).
+#[allow(clippy::type_complexity)]
+pub fn run_recipe<B: Backend>(
+    job: &super::TrainJob,
+    world: &World,
+    devices: &[B::Device],
+    on: &mut dyn FnMut(Event),
+    recipe: fn(
+        &super::TrainJob,
+        &mut Peer<B>,
+        &B::Device,
+        &mut dyn FnMut(Event),
+    ) -> Result<TrainSummary>,
+) -> Result<TrainSummary> {
+    let job = job.clone();
+    on_each_device(
+        world,
+        devices,
+        on,
+        Arc::new(
+            move |peer: &mut Peer<B>, device: &B::Device, on: &mut dyn FnMut(Event)| {
+                recipe(&job, peer, device, on)
+            },
+        ),
+    )
+}
+
 /// Run `run` once per device of `devices`, each as one peer of `world` (threads; the first
 /// device's peer runs on this thread and reports `on`'s events). Returns the first peer's
 /// summary, or the first error; an error of this thread's peer returns at once (the others are

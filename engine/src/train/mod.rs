@@ -187,17 +187,7 @@ pub fn run_train_parallel<B: KernelBackend>(
     devices: &[B::Device],
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
-    let job = job.clone();
-    dist::on_each_device(
-        world,
-        devices,
-        on,
-        std::sync::Arc::new(
-            move |peer: &mut Peer<B>, device: &B::Device, on: &mut dyn FnMut(Event)| {
-                run_train_peer(&job, peer, device, on)
-            },
-        ),
-    )
+    dist::run_recipe(job, world, devices, on, run_train_peer::<B>)
 }
 
 /// Run `train` as one peer of a data-parallel run (or alone, with [`Peer::single`]).

@@ -179,17 +179,7 @@ pub fn run_sft_parallel<B: KernelBackend>(
     devices: &[B::Device],
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
-    let job = job.clone();
-    dist::on_each_device(
-        world,
-        devices,
-        on,
-        std::sync::Arc::new(
-            move |peer: &mut Peer<B>, device: &B::Device, on: &mut dyn FnMut(Event)| {
-                run_sft_peer(&job, peer, device, on)
-            },
-        ),
-    )
+    dist::run_recipe(job, world, devices, on, run_sft_peer::<B>)
 }
 
 /// Run `sft` as one peer of a data-parallel run (or alone, with [`Peer::single`]).
