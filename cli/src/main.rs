@@ -60,9 +60,10 @@ enum Command {
     Bench(BenchCommand),
     /// Run the orchestrator of a multi-node (`--nodes N`) train or sft run until interrupted.
     ///
-    /// Every node registers with it (`--orchestrator HOST:PORT`) before each update's all-reduce.
+    /// Every node registers with it (`--orchestrator HOST:PORT`) before each update's all-reduce,
+    /// after passing its round gate on PORT + 1 (every node has finished the previous update).
     Orchestrator {
-        /// Port to listen on (all interfaces).
+        /// Port to listen on (all interfaces); the round gate listens on PORT + 1.
         #[arg(long)]
         port: u16,
     },
@@ -255,7 +256,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Step(a)) => bench_step(a),
         Command::Orchestrator { port } => {
-            eprintln!("orchestrator: listening on 0.0.0.0:{port} (Ctrl-C to stop)");
+            eprintln!(
+                "orchestrator: listening on 0.0.0.0:{port}, round gate on 0.0.0.0:{} (Ctrl-C to stop)",
+                port as u32 + 1
+            );
             wrpo_engine_core::train::dist::run_orchestrator(port)
         }
         Command::ExportTiny { out } => export_tiny(out),

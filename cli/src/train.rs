@@ -78,7 +78,7 @@ pub struct DistArgs {
     /// route to the orchestrator).
     #[arg(long)]
     node_host: Option<String>,
-    /// Port of this node's tensor data service (default: orchestrator port + 1 + node rank).
+    /// Port of this node's tensor data service (default: orchestrator port + 2 + node rank).
     #[arg(long)]
     data_port: Option<u16>,
     /// Bound on every collective call (register, all-reduce, finish); past it the node stops

@@ -35,7 +35,7 @@ pub struct World {
     /// Where the other nodes reach this one (default: this machine's address on the route to the
     /// orchestrator).
     pub node_host: Option<String>,
-    /// Port of this node's tensor data service (default: orchestrator port + 1 + node rank).
+    /// Port of this node's tensor data service (default: orchestrator port + 2 + node rank).
     pub data_port: Option<u16>,
     /// Bound on every collective call.
     pub timeout: Duration,
@@ -91,17 +91,19 @@ impl World {
             return Ok(Topology {
                 local_peers: self.devices,
                 nodes: 1,
+                node_rank: 0,
                 orchestrator: String::new(),
                 node_address: String::new(),
                 data_port: 0,
+                gate: String::new(),
             });
         }
         let orch = self.orchestrator.as_deref().expect("validated");
         let (host, port) = split_host_port(orch)?;
         let data_port = match self.data_port {
             Some(p) => p,
-            None => u16::try_from(port as usize + 1 + self.node_rank).context(
-                "the default --data-port (orchestrator port + 1 + node rank) is above 65535",
+            None => u16::try_from(port as usize + 2 + self.node_rank).context(
+                "the default --data-port (orchestrator port + 2 + node rank) is above 65535",
             )?,
         };
         let node_host = match &self.node_host {
@@ -110,12 +112,17 @@ impl World {
                 format!("finding this machine's address towards {orch}; pass --node-host")
             })?,
         };
+        let gate_port = port
+            .checked_add(1)
+            .context("the orchestrator's port + 1 (its round gate) is above 65535")?;
         Ok(Topology {
             local_peers: self.devices,
             nodes: self.nodes,
+            node_rank: self.node_rank,
             orchestrator: format!("ws://{host}:{port}"),
             node_address: format!("ws://{node_host}:{data_port}"),
             data_port,
+            gate: format!("{host}:{gate_port}"),
         })
     }
 }
@@ -149,14 +156,24 @@ fn route_to(host: &str, port: u16) -> Result<String> {
     Ok(sock.local_addr()?.ip().to_string())
 }
 
-/// Start the orchestrator the nodes of a multi-node run register with, and serve until
-/// interrupted (Ctrl-C / SIGTERM).
+/// Start the orchestrator the nodes of a multi-node run register with (on `port`) and its round
+/// gate (on `port + 1`, see [`super::collective`]), and serve until interrupted (Ctrl-C / SIGTERM).
 pub fn run_orchestrator(port: u16) -> Result<()> {
     // burn-communication binds 0.0.0.0:PORT and only logs a failure; check first for a clear error.
     drop(
         std::net::TcpListener::bind(("0.0.0.0", port))
             .with_context(|| format!("orchestrator: cannot listen on port {port}"))?,
     );
+    let gate_port = port
+        .checked_add(1)
+        .context("orchestrator: the round gate needs port + 1, which is above 65535")?;
+    let gate = std::net::TcpListener::bind(("0.0.0.0", gate_port)).with_context(|| {
+        format!("orchestrator: cannot listen on port {gate_port} (the round gate, port + 1)")
+    })?;
+    std::thread::Builder::new()
+        .name("round-gate".into())
+        .spawn(move || super::collective::serve_gate(gate))
+        .context("starting the round gate")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
