@@ -428,6 +428,59 @@ fn a_killed_node_stops_the_other_in_bounded_time_and_keeps_the_checkpoint() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The orchestrator killed mid-run: both nodes stop within the bound, naming it.
+#[test]
+fn a_killed_orchestrator_stops_every_node_in_bounded_time() {
+    let dir = tmp("killorch");
+    let (mut orch, port) = orchestrator();
+    let out = dir.join("out");
+    let long = |rank| {
+        let mut c = train(&out, 2, &[("max-steps", "500"), ("save-steps", "1")]);
+        node(&mut c, 2, rank, port).args(["--collective-timeout", "10"]);
+        Guard(c.spawn().unwrap())
+    };
+    let mut nodes = [long(0), long(1)];
+    let t0 = Instant::now();
+    while !out.join("checkpoint-2").is_dir() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint-2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    orch.0.kill().unwrap();
+    orch.0.wait().unwrap();
+    let killed = Instant::now();
+    for (rank, n) in nodes.iter_mut().enumerate() {
+        let status = loop {
+            if let Some(s) = n.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "node {rank} still running 60 s after the orchestrator was killed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut n.0.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "node {rank} succeeded: {err}");
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("");
+        println!(
+            "node {rank} stopped {:.1} s after the orchestrator: {last}",
+            killed.elapsed().as_secs_f64()
+        );
+        assert!(
+            last.contains(&format!(
+                "the orchestrator at 127.0.0.1:{port} does not answer"
+            )),
+            "node {rank}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn an_unreachable_orchestrator_is_an_error_in_bounded_time() {
     let dir = tmp("noorch");
