@@ -143,7 +143,7 @@ impl<'a> Setup<'a> {
 }
 
 /// Run `recipe` from the policy `params` (or the checkpoint `--resume` names) to the final
-/// model: the loop of the module docs, then [`finish`].
+/// model: the loop of the module docs, then the final checkpoint and the summary.
 pub fn run<B: Backend, R: Recipe<B>>(
     setup: &Setup,
     plan: &Plan,
