@@ -1,16 +1,20 @@
 //! `wrpo-engine train`: the WRPO trainer (and its DPO / SimPO / IPO baselines).
 //!
-//! The recipe ([`run_train`]) reads top to bottom: setup → loop {policy forward, reference
-//! log-probs, loss, backward (per micro-batch, accumulated), global-norm clip, AdamW step, α/LR
-//! schedule, log, checkpoint} → final model. Building blocks live beside it: [`config`] (YAML +
-//! flags), [`schedule`] (update counts, LR, data order), [`optim`] (flat parameters, clipping,
-//! AdamW as PyTorch computes them), [`step`] (one micro-batch), [`metrics`], [`state`]
-//! (checkpoints), [`refcache`] (precomputed reference log-probs), [`dist`] (data parallelism:
-//! sharding and the one all-reduce per update, over [`collective`]).
+//! The recipe ([`run_train`]) reads top to bottom: setup (data, eval split, reference log-probs)
+//! → loop {policy forward, reference log-probs, loss, backward (per micro-batch, accumulated),
+//! global-norm clip, AdamW step, α/LR schedule, log, eval, checkpoint} → final model. The loop
+//! and the finish are the [`driver`]'s, shared with [`sft`]; this recipe supplies its micro-batch
+//! (`Wrpo`, a [`driver::Recipe`]: [`step::micro_step`] on rows, the α schedule, the preference
+//! metrics, the eval). Building blocks live beside it: [`config`] (YAML + flags), [`schedule`]
+//! (update counts, LR, data order), [`optim`] (flat parameters, clipping, AdamW as PyTorch
+//! computes them), [`step`] (one micro-batch), [`metrics`], [`state`] (checkpoints),
+//! [`refcache`] (precomputed reference log-probs), [`dist`] (data parallelism: sharding and the
+//! one all-reduce per update, over [`collective`]).
 
 pub mod collective;
 pub mod config;
 pub mod dist;
+pub mod driver;
 pub mod metrics;
 pub mod optim;
 pub mod refcache;
@@ -20,22 +24,21 @@ pub mod state;
 pub mod step;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
+use anyhow::{bail, Result};
 use serde_json::{Map, Value};
 use wrpo_kernels::loss::{LossConfig, Objective};
 use wrpo_kernels::KernelBackend;
+use wrpo_models::LlamaConfig;
 
 use crate::data::{Dataset, EncodeOptions, Encoded, RowError};
 use crate::model::ModelSource;
 use config::{LossType, RunPaths, TrainConfig};
 use dist::{Peer, World};
-use metrics::{json_f64, Meter, MetricsFile};
-use optim::{clip_global_norm, AdamState, AdamW, Flat};
-use schedule::{epoch_order, lr_factor, Plan};
-use state::{TokenizerFiles, TrainerState};
+use driver::{Micro, Recipe, Setup};
+use metrics::{json_f64, Meter};
+use optim::Flat;
+use schedule::{epoch_order, Plan};
 use step::{eval_step, micro_step, Reference};
 
 /// What the trainer reports while it runs (the CLI draws a progress bar from these).
@@ -198,18 +201,10 @@ pub fn run_train_peer<B: KernelBackend>(
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
     // ---- setup ------------------------------------------------------------------------------
+    let setup = Setup::new(job)?;
     let (cfg, paths) = (&job.cfg, &job.paths);
-    cfg.validate()?;
-    let (writes, world_size) = (peer.writes(), peer.world().size());
-    let source = ModelSource::from_arg(paths.model.as_deref());
-    let model_cfg = source.config()?;
-    let tok = source.tokenizer(&model_cfg)?;
-    let opts = EncodeOptions {
-        max_length: Some(cfg.max_length),
-        max_prompt_length: Some(cfg.max_prompt_length),
-        vocab_size: model_cfg.vocab_size,
-    };
-    let (mut train, k1, r) = load_split(paths.data.as_deref(), tok.as_ref(), &opts, cfg, on)?;
+    let (tok, opts) = (setup.tok.as_ref(), &setup.opts);
+    let (mut train, k1, r) = load_split(paths.data.as_deref(), tok, opts, cfg, on)?;
     // Every row's line, kept or skipped, to match `--ref-logps` records to rows.
     let mut all_lines: Vec<usize> = train
         .rows
@@ -220,7 +215,7 @@ pub fn run_train_peer<B: KernelBackend>(
     all_lines.sort_unstable();
     let eval = match (&paths.eval_data, cfg.eval_fraction > 0.0) {
         (Some(p), _) => {
-            let (ds, ek1, er) = load_split(Some(p), tok.as_ref(), &opts, cfg, on)?;
+            let (ds, ek1, er) = load_split(Some(p), tok, opts, cfg, on)?;
             if (ek1, er) != (k1, r) {
                 bail!(
                     "{}: eval rows have {ek1} chosen / {er} rejected, training rows {k1} / {r}",
@@ -233,18 +228,10 @@ pub fn run_train_peer<B: KernelBackend>(
         (None, false) => vec![],
     };
     let rows = train.rows;
-    let plan = Plan::new(cfg, rows.len(), peer.world().size());
-    let pad = tok
-        .as_ref()
-        .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
-        .map_or(0, |(_, id)| *id);
-    if writes {
-        std::fs::create_dir_all(&paths.output)
-            .with_context(|| format!("creating {}", paths.output.display()))?;
-    }
+    let plan = setup.plan(rows.len(), peer)?;
     on(Event::Note(format!(
         "model {} · {} training rows ({} chosen + {} rejected each){} · {} updates of {} rows",
-        source.label(),
+        setup.source.label(),
         rows.len(),
         k1,
         r,
@@ -256,228 +243,116 @@ pub fn run_train_peer<B: KernelBackend>(
         plan.total,
         plan.global_batch
     )));
-
-    let (initial, _) = source.load::<B>(device)?;
-    let mut params = Flat::of_model(&initial);
-    let reference = build_reference::<B>(
-        job, peer, &source, initial, &rows, &all_lines, &eval, pad, device, on,
+    let (initial, _) = setup.source.load::<B>(device)?;
+    let params = Flat::of_model(&initial);
+    let (source, pad) = (&setup.source, setup.pad);
+    let (ref_train, ref_eval) = build_reference::<B>(
+        job, peer, source, initial, &rows, &all_lines, &eval, pad, device, on,
     )?;
-    let (ref_train, ref_eval) = reference;
-    let adamw = AdamW {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamState::new(&params);
-    let mut history: Vec<Value> = vec![];
-    let mut start = 0usize;
-    if let Some(dir) = resume_dir(paths)? {
-        let restored = state::load_checkpoint(&dir, &params, device)?;
-        check_resume(&restored.state, cfg, &source, &plan, peer.world().size())?;
-        params = restored.params;
-        opt = restored.opt;
-        start = restored.state.global_step as usize;
-        history = restored.state.log_history;
-        on(Event::Note(format!(
-            "resumed from {} (update {start})",
-            dir.display()
-        )));
-    }
-    let mut metrics_file = match writes {
-        true => Some(MetricsFile::open(
-            &paths.output.join("metrics.jsonl"),
-            (start > 0).then_some(start as u64),
-        )?),
-        false => None,
-    };
-    let tokenizer_files = match &paths.model {
-        Some(d) => TokenizerFiles::Dir(d.clone()),
-        None => TokenizerFiles::Embedded,
-    };
-    let trainer_state = |step: usize, history: &[Value]| TrainerState {
-        global_step: step as u64,
-        total_steps: plan.total as u64,
-        epoch: plan.epoch_after(step),
-        model: source.label(),
-        data: paths.data.as_ref().map_or_else(
-            || "<embedded>/wrpo_tiny.jsonl".into(),
-            |p| p.display().to_string(),
-        ),
-        config: cfg.clone(),
-        log_history: history.to_vec(),
-        world_size: world_size as u64,
-    };
-    on(Event::Started {
-        plan: &plan,
-        start,
-        config: cfg,
-    });
 
-    // ---- loop ---------------------------------------------------------------------------------
-    let mut meter = Meter::default();
-    let (mut interval_loss, mut interval_steps, mut interval_tokens) = (0.0, 0usize, 0usize);
-    let mut interval_start = Instant::now();
-    let mut order = (usize::MAX, vec![]);
-    for s in start..plan.total {
-        let (epoch, pos) = plan.locate(s);
-        if order.0 != epoch {
-            order = (epoch, epoch_order(rows.len(), epoch, cfg.shuffle, cfg.seed));
-        }
-        let ids = &order.1[(pos * plan.global_batch).min(rows.len())
-            ..((pos + 1) * plan.global_batch).min(rows.len())];
-        let alpha = cfg.alpha_at(s, plan.total);
-        let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, s, plan.warmup, plan.total);
-        let loss_cfg = loss_config(cfg, alpha);
-        let mut grads: Option<Vec<burn::tensor::Tensor<B, 1>>> = None;
-        let (mut step_loss, mut step_meter, mut step_tokens) = (0.0, Meter::default(), 0usize);
-        // This peer's rows of the global batch (all of them without data parallelism).
-        for micro in peer
-            .shard(ids, plan.per_peer)
-            .chunks(cfg.per_device_train_batch_size)
-        {
-            let batch: Vec<&Encoded> = micro.iter().map(|&i| &rows[i]).collect();
-            let scale = micro.len() as f64 / ids.len() as f64;
-            let out = micro_step(
-                &model_cfg, &params, &ref_train, &loss_cfg, &batch, micro, pad, scale, device,
-            );
-            step_loss += out.loss * scale;
-            step_tokens += out.tokens;
-            out.rows.iter().for_each(|row| step_meter.add(row));
-            grads = Some(match grads {
-                None => out.grads,
-                Some(acc) => acc.into_iter().zip(out.grads).map(|(a, g)| a + g).collect(),
-            });
-        }
-        // A peer past the end of a last, partial batch adds zeros.
-        let grads = grads.unwrap_or_else(|| params.zeros_like().values);
-        // Sum over peers: gradients, loss, metric sums, tokens (one all-reduce).
-        let mut stats = vec![step_loss, step_tokens as f64];
-        stats.extend(step_meter.packed());
-        let (mut grads, stats) = peer.sum_update(&format!("update {}", s + 1), grads, stats)?;
-        let step_loss = stats[0];
-        interval_tokens += stats[1].round() as usize;
-        meter.add_packed(&stats[2..]);
-        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
-        if !step_loss.is_finite() || !grad_norm.is_finite() {
-            bail!(
-                "update {}: non-finite {} (loss {step_loss}, grad_norm {grad_norm}); stopped before applying it{}. Lower the learning rate or check the data",
-                s + 1,
-                if step_loss.is_finite() { "gradient" } else { "loss" },
-                state::latest_checkpoint(&paths.output)
-                    .map_or(String::new(), |p| format!(" — the last good checkpoint is {}", p.display()))
-            );
-        }
-        adamw.step(lr, &mut params, grads, &mut opt);
-        let done = s + 1;
-        interval_loss += step_loss;
-        interval_steps += 1;
-
-        let log_now = done % cfg.logging_steps == 0 || done == plan.total;
-        let mut record = None;
-        if log_now {
-            let mut rec = Map::new();
-            rec.insert("step".into(), done.into());
-            rec.insert("epoch".into(), json_f64(plan.epoch_after(done)));
-            rec.insert(
-                "loss".into(),
-                json_f64(interval_loss / interval_steps as f64),
-            );
-            rec.insert("learning_rate".into(), json_f64(lr));
-            rec.insert("grad_norm".into(), json_f64(grad_norm as f64));
-            rec.insert("cur_alpha".into(), json_f64(alpha));
-            meter.write_into("", &mut rec);
-            let secs = interval_start.elapsed().as_secs_f64();
-            rec.insert(
-                "tokens_per_second".into(),
-                json_f64(interval_tokens as f64 / secs.max(1e-9)),
-            );
-            if let Some(f) = metrics_file.as_mut() {
-                f.write(&rec)?;
-            }
-            history.push(Value::Object(rec.clone()));
-            record = Some(rec);
-            meter = Meter::default();
-            (interval_loss, interval_steps, interval_tokens) = (0.0, 0, 0);
-            interval_start = Instant::now();
-        }
-        on(Event::Step {
-            step: done,
-            loss: step_loss,
-            record: record.as_ref(),
-        });
-        let eval_now = writes
-            && !eval.is_empty()
-            && ((cfg.eval_steps > 0 && done % cfg.eval_steps == 0) || done == plan.total);
-        if eval_now {
-            let rec = evaluate(
-                cfg, &model_cfg, &params, &ref_eval, &eval, done, alpha, pad, device,
-            );
-            if let Some(f) = metrics_file.as_mut() {
-                f.write(&rec)?;
-            }
-            history.push(Value::Object(rec.clone()));
-            on(Event::Eval(&rec));
-        }
-        if writes && cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < plan.total {
-            let dir = paths.output.join(format!("checkpoint-{done}"));
-            state::save_checkpoint(
-                &dir,
-                &params,
-                &opt,
-                &model_cfg,
-                &tokenizer_files,
-                &trainer_state(done, &history),
-            )?;
-            state::rotate_checkpoints(&paths.output, cfg.save_total_limit)?;
-            on(Event::Note(format!("saved {}", dir.display())));
-        }
-    }
-
-    // ---- finish -------------------------------------------------------------------------------
-    finish(
-        peer,
-        &paths.output.join("final"),
-        plan.total,
-        history,
-        on,
-        &mut |dir, history| {
-            let st = trainer_state(plan.total, history);
-            state::save_checkpoint(dir, &params, &opt, &model_cfg, &tokenizer_files, &st)
-        },
-    )
+    // ---- loop and finish: the shared driver, with WRPO's micro-batch, metrics and eval ---------
+    let mut recipe = Wrpo {
+        cfg,
+        model_cfg: &setup.model_cfg,
+        rows: &rows,
+        eval: &eval,
+        ref_train,
+        ref_eval,
+        pad,
+        device,
+        alpha: 0.0,
+        loss_cfg: loss_config(cfg, 0.0),
+        step_loss: 0.0,
+        step_meter: Meter::default(),
+        interval_loss: 0.0,
+        interval_steps: 0,
+        meter: Meter::default(),
+    };
+    driver::run(&setup, &plan, peer, device, params, &mut recipe, on)
 }
 
-/// The end of a run: the final model (written by the writing peer only) and the summary.
-pub(crate) fn finish<B: Backend>(
-    peer: &mut Peer<B>,
-    final_dir: &Path,
-    steps: usize,
-    history: Vec<Value>,
-    on: &mut dyn FnMut(Event),
-    save: &mut dyn FnMut(&Path, &[Value]) -> Result<()>,
-) -> Result<TrainSummary> {
-    let writes = peer.writes();
-    if writes {
-        save(final_dir, &history)?;
-        on(Event::Note(format!("saved {}", final_dir.display())));
+/// WRPO's part of an update ([`Recipe`]): the preference loss of rows of chosen and rejected
+/// responses, the α schedule, the preference metrics and the eval split.
+struct Wrpo<'a, B: KernelBackend> {
+    cfg: &'a TrainConfig,
+    model_cfg: &'a LlamaConfig,
+    rows: &'a [Encoded],
+    eval: &'a [Encoded],
+    ref_train: Reference<B>,
+    ref_eval: Reference<B>,
+    pad: u32,
+    device: &'a B::Device,
+    /// This update's α and loss settings.
+    alpha: f64,
+    loss_cfg: LossConfig,
+    /// This peer's sums over the update's micro-batches: Σ loss · scale, row metrics.
+    step_loss: f64,
+    step_meter: Meter,
+    /// The logging interval: Σ update losses, updates, row metrics (of every peer).
+    interval_loss: f64,
+    interval_steps: usize,
+    meter: Meter,
+}
+
+impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
+    fn begin(&mut self, s: usize, total: usize, _ids: &[usize]) {
+        self.alpha = self.cfg.alpha_at(s, total);
+        self.loss_cfg = loss_config(self.cfg, self.alpha);
+        (self.step_loss, self.step_meter) = (0.0, Meter::default());
     }
-    let updates = peer.updates_synced();
-    if updates > 0 {
-        on(Event::Note(format!(
-            "data parallel: rank {} of {} · all-reduce {:.1} ms per update (mean of {updates})",
-            peer.rank(),
-            peer.world().size(),
-            peer.comm_time.as_secs_f64() * 1e3 / updates as f64
-        )));
+
+    fn micro(&mut self, params: &Flat<B>, ids: &[usize], scale: f64) -> Micro<B> {
+        let batch: Vec<&Encoded> = ids.iter().map(|&i| &self.rows[i]).collect();
+        let (cfg, loss_cfg, reference) = (self.model_cfg, &self.loss_cfg, &self.ref_train);
+        let (pad, device) = (self.pad, self.device);
+        let out = micro_step(
+            cfg, params, reference, loss_cfg, &batch, ids, pad, scale, device,
+        );
+        self.step_loss += out.loss * scale;
+        out.rows.iter().for_each(|row| self.step_meter.add(row));
+        Micro {
+            grads: out.grads,
+            tokens: out.tokens,
+        }
     }
-    peer.close()?;
-    Ok(TrainSummary {
-        final_dir: final_dir.to_path_buf(),
-        steps,
-        history,
-        wrote_outputs: writes,
-    })
+
+    /// `[Σ loss · scale, Meter::packed (13)]`.
+    fn stats(&mut self) -> Vec<f64> {
+        let mut stats = vec![self.step_loss];
+        stats.extend(self.step_meter.packed());
+        stats
+    }
+
+    fn end(&mut self, summed: &[f64]) -> f64 {
+        self.meter.add_packed(&summed[1..]);
+        self.interval_loss += summed[0];
+        self.interval_steps += 1;
+        summed[0]
+    }
+
+    fn log(&mut self, rec: &mut Map<String, Value>) {
+        let loss = self.interval_loss / self.interval_steps as f64;
+        rec.insert("loss".into(), json_f64(loss));
+        rec.insert("cur_alpha".into(), json_f64(self.alpha));
+        self.meter.write_into("", rec);
+        (self.meter, self.interval_loss, self.interval_steps) = (Meter::default(), 0.0, 0);
+    }
+
+    fn evaluate(&mut self, params: &Flat<B>, done: usize) -> Option<Map<String, Value>> {
+        (!self.eval.is_empty()).then(|| {
+            evaluate(
+                self.cfg,
+                self.model_cfg,
+                params,
+                &self.ref_eval,
+                self.eval,
+                done,
+                self.alpha,
+                self.pad,
+                self.device,
+            )
+        })
+    }
 }
 
 /// Move a seeded `fraction` of the rows (at least one) into an eval split.
@@ -505,7 +380,7 @@ fn hold_out(rows: &mut Vec<Encoded>, fraction: f64, seed: u64) -> Result<Vec<Enc
 #[allow(clippy::too_many_arguments)]
 fn evaluate<B: KernelBackend>(
     cfg: &TrainConfig,
-    model_cfg: &wrpo_models::LlamaConfig,
+    model_cfg: &LlamaConfig,
     params: &Flat<B>,
     reference: &Reference<B>,
     eval: &[Encoded],
@@ -531,83 +406,6 @@ fn evaluate<B: KernelBackend>(
     rec.insert("eval/loss".into(), json_f64(loss_sum / eval.len() as f64));
     meter.write_into("eval/", &mut rec);
     rec
-}
-
-pub(crate) fn resume_dir(paths: &RunPaths) -> Result<Option<PathBuf>> {
-    let Some(r) = &paths.resume else {
-        return Ok(None);
-    };
-    if r.as_os_str() == "latest" {
-        return match state::latest_checkpoint(&paths.output) {
-            Some(p) => Ok(Some(p)),
-            None => bail!(
-                "--resume latest: no checkpoint-STEP folder with a trainer_state.json in {}",
-                paths.output.display()
-            ),
-        };
-    }
-    if !r.join("trainer_state.json").is_file() {
-        bail!(
-            "--resume {}: not a checkpoint folder (no trainer_state.json)",
-            r.display()
-        );
-    }
-    Ok(Some(r.clone()))
-}
-
-/// A resumed run must be the run that wrote the checkpoint (same model, data layout and
-/// training-relevant settings), or it would not reach the same weights.
-pub(crate) fn check_resume(
-    st: &TrainerState,
-    cfg: &TrainConfig,
-    source: &ModelSource,
-    plan: &Plan,
-    world_size: usize,
-) -> Result<()> {
-    if st.world_size as usize != world_size {
-        bail!(
-            "--resume: the checkpoint was written by a run of {} peers (devices × nodes), this run has {world_size}: the global batch (per-device batch × accumulation × peers), and so every update, would differ. Resume with the same --nodes and --devices",
-            st.world_size
-        );
-    }
-    if st.model != source.label() {
-        bail!(
-            "--resume: the checkpoint was trained from {} but --model is {}",
-            st.model,
-            source.label()
-        );
-    }
-    let free = [
-        "logging_steps",
-        "save_steps",
-        "save_total_limit",
-        "eval_steps",
-    ];
-    let (a, b) = (
-        serde_json::to_value(&st.config)?,
-        serde_json::to_value(cfg)?,
-    );
-    let differ: Vec<String> = a
-        .as_object()
-        .expect("object")
-        .iter()
-        .filter(|(k, v)| !free.contains(&k.as_str()) && b.get(k.as_str()) != Some(v))
-        .map(|(k, v)| format!("{k} (checkpoint {v}, now {})", b[k.as_str()]))
-        .collect();
-    if !differ.is_empty() {
-        bail!(
-            "--resume: settings differ from the checkpoint's: {}",
-            differ.join(", ")
-        );
-    }
-    if st.total_steps as usize != plan.total {
-        bail!(
-            "--resume: the checkpoint's run has {} updates, this one {} (different data?)",
-            st.total_steps,
-            plan.total
-        );
-    }
-    Ok(())
 }
 
 /// The reference log-probs for the training and eval splits.

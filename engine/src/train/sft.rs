@@ -1,6 +1,8 @@
 //! `wrpo-engine sft`: supervised fine-tuning of the target on (prompt, response) pairs — stage one
 //! of WRPO (Target-SFT on the sources' best responses). A second small recipe on the trainer's
-//! building blocks (flat parameters, AdamW, clipping, schedules, checkpoints, metrics).
+//! building blocks (flat parameters, AdamW, clipping, schedules, checkpoints, metrics); the loop
+//! and the finish are the [`super::driver`]'s, with this recipe's micro-batch (`Sft`, a
+//! [`Recipe`]) and metrics.
 //!
 //! Loss: the mean token negative log-likelihood over the completion tokens of the global batch
 //! (`completion_only`, the default) or over every token but the first (`completion_only: false`,
@@ -15,24 +17,22 @@
 //! TRL), and the loss is still the mean over the scored tokens of the global batch.
 
 use std::path::Path;
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
 use serde_json::{Map, Value};
 use wrpo_kernels::{logprobs::sequence_logprobs, KernelBackend};
 use wrpo_models::{Llama, LlamaConfig};
 
+use super::config::TrainConfig;
 use super::dist::{self, Peer, World};
-use super::metrics::{json_f64, MetricsFile};
-use super::optim::{clip_global_norm, AdamState, AdamW, Flat};
-use super::schedule::{epoch_order, lr_factor, Plan};
-use super::state::{self, TokenizerFiles, TrainerState};
-use super::{resume_dir, Event, TrainJob, TrainSummary};
+use super::driver::{self, Micro, Recipe, Setup};
+use super::metrics::json_f64;
+use super::optim::Flat;
+use super::{Event, TrainJob, TrainSummary};
 use crate::data::{parse_rows_with, parse_sft_row, Dataset, EncodeOptions, Encoded};
 use crate::logps::{make_batch, make_packed_batch, pack_bfd};
-use crate::model::ModelSource;
 
 /// One example: prompt ids and completion ids.
 #[derive(Debug, Clone)]
@@ -190,21 +190,12 @@ pub fn run_sft_peer<B: KernelBackend>(
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
     // ---- setup ------------------------------------------------------------------------------
+    let setup = Setup::new(job)?;
     let (cfg, paths) = (&job.cfg, &job.paths);
-    let (writes, world_size) = (peer.writes(), peer.world().size());
-    cfg.validate()?;
-    let source = ModelSource::from_arg(paths.model.as_deref());
-    let model_cfg = source.config()?;
-    let tok = source.tokenizer(&model_cfg)?;
-    let opts = EncodeOptions {
-        max_length: Some(cfg.max_length),
-        max_prompt_length: Some(cfg.max_prompt_length),
-        vocab_size: model_cfg.vocab_size,
-    };
     let (ds, label) = load_examples(
         paths.data.as_deref(),
-        tok.as_ref(),
-        &opts,
+        setup.tok.as_ref(),
+        &setup.opts,
         cfg.skip_bad_rows,
     )?;
     if !ds.skipped.is_empty() {
@@ -234,18 +225,10 @@ pub fn run_sft_peer<B: KernelBackend>(
     } else {
         (0..rows.len()).map(|i| vec![i]).collect()
     };
-    let plan = Plan::new(cfg, units.len(), peer.world().size());
-    let pad = tok
-        .as_ref()
-        .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))
-        .map_or(0, |(_, id)| *id);
-    if writes {
-        std::fs::create_dir_all(&paths.output)
-            .with_context(|| format!("creating {}", paths.output.display()))?;
-    }
+    let plan = setup.plan(units.len(), peer)?;
     on(Event::Note(format!(
         "sft: model {} · {} examples{} · loss on {} · {} updates of {} {}",
-        source.label(),
+        setup.source.label(),
         rows.len(),
         if cfg.packing {
             format!(
@@ -265,179 +248,105 @@ pub fn run_sft_peer<B: KernelBackend>(
         plan.global_batch,
         if cfg.packing { "sequences" } else { "rows" }
     )));
-    let (initial, _) = source.load::<B>(device)?;
-    let mut params = Flat::of_model(&initial);
+    let (initial, _) = setup.source.load::<B>(device)?;
+    let params = Flat::of_model(&initial);
     drop(initial);
-    let adamw = AdamW {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamState::new(&params);
-    let (mut start, mut history) = (0usize, Vec::<Value>::new());
-    if let Some(dir) = resume_dir(paths)? {
-        let r = state::load_checkpoint(&dir, &params, device)?;
-        super::check_resume(&r.state, cfg, &source, &plan, peer.world().size())?;
-        (params, opt, start, history) = (
-            r.params,
-            r.opt,
-            r.state.global_step as usize,
-            r.state.log_history,
-        );
-        on(Event::Note(format!(
-            "resumed from {} (update {start})",
-            dir.display()
-        )));
-    }
-    let mut metrics_file = match writes {
-        true => Some(MetricsFile::open(
-            &paths.output.join("metrics.jsonl"),
-            (start > 0).then_some(start as u64),
-        )?),
-        false => None,
-    };
-    let tokenizer_files = paths
-        .model
-        .clone()
-        .map_or(TokenizerFiles::Embedded, TokenizerFiles::Dir);
-    let trainer_state = |step: usize, history: &[Value]| TrainerState {
-        global_step: step as u64,
-        total_steps: plan.total as u64,
-        epoch: plan.epoch_after(step),
-        model: source.label(),
-        data: label.display().to_string(),
-        config: cfg.clone(),
-        log_history: history.to_vec(),
-        world_size: world_size as u64,
-    };
-    on(Event::Started {
-        plan: &plan,
-        start,
-        config: cfg,
-    });
 
-    // ---- loop ---------------------------------------------------------------------------------
-    let (mut acc_nll, mut acc_correct, mut acc_scored, mut acc_tokens) = (0.0, 0.0, 0usize, 0usize);
-    let mut interval_start = Instant::now();
-    let mut order = (usize::MAX, vec![]);
-    for s in start..plan.total {
-        let (epoch, pos) = plan.locate(s);
-        if order.0 != epoch {
-            order = (
-                epoch,
-                epoch_order(units.len(), epoch, cfg.shuffle, cfg.seed),
-            );
-        }
-        let ids = &order.1[(pos * plan.global_batch).min(units.len())
-            ..((pos + 1) * plan.global_batch).min(units.len())];
-        let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, s, plan.warmup, plan.total);
-        let n_scored: usize = ids
+    // ---- loop and finish: the shared driver, with SFT's micro-batch and metrics ----------------
+    let mut recipe = Sft {
+        cfg,
+        model_cfg: &setup.model_cfg,
+        rows: &rows,
+        units: &units,
+        pad: setup.pad,
+        device,
+        n_scored: 0,
+        nll: 0.0,
+        correct: 0.0,
+        acc_nll: 0.0,
+        acc_correct: 0.0,
+        acc_scored: 0,
+    };
+    driver::run(&setup, &plan, peer, device, params, &mut recipe, on)
+}
+
+/// SFT's part of an update ([`Recipe`]): the token NLL of (packed) examples, normalised by the
+/// scored tokens of the whole global batch; loss and `mean_token_accuracy` per interval.
+struct Sft<'a, B: KernelBackend> {
+    cfg: &'a TrainConfig,
+    model_cfg: &'a LlamaConfig,
+    rows: &'a [SftExample],
+    /// The units of the data order: example indices of one sequence each.
+    units: &'a [Vec<usize>],
+    pad: u32,
+    device: &'a B::Device,
+    /// Scored tokens of this update's global batch (every peer's).
+    n_scored: usize,
+    /// This peer's sums over the update's micro-batches: NLL, correct arg-max tokens.
+    nll: f64,
+    correct: f64,
+    /// The logging interval's sums (of every peer): NLL, correct and scored tokens.
+    acc_nll: f64,
+    acc_correct: f64,
+    acc_scored: usize,
+}
+
+impl<B: KernelBackend> Recipe<B> for Sft<'_, B> {
+    fn begin(&mut self, _s: usize, _total: usize, ids: &[usize]) {
+        let (rows, completion_only) = (self.rows, self.cfg.completion_only);
+        self.n_scored = ids
             .iter()
-            .flat_map(|&u| &units[u])
-            .map(|&i| scored(&rows[i], cfg.completion_only))
+            .flat_map(|&u| &self.units[u])
+            .map(|&i| scored(&rows[i], completion_only))
             .sum();
-        let mut grads: Option<Vec<Tensor<B, 1>>> = None;
-        let (mut nll, mut correct, mut tokens) = (0.0, 0.0, 0usize);
-        for micro in peer
-            .shard(ids, plan.per_peer)
-            .chunks(cfg.per_device_train_batch_size)
-        {
-            let batch: Vec<Vec<&SftExample>> = micro
-                .iter()
-                .map(|&u| units[u].iter().map(|&i| &rows[i]).collect())
-                .collect();
-            let out = sft_micro(
-                &model_cfg,
-                &params,
-                &batch,
-                cfg.completion_only,
-                cfg.packing,
-                n_scored.max(1),
-                pad,
-                device,
-            );
-            (nll, correct) = (nll + out.nll, correct + out.correct);
-            tokens += out.tokens;
-            grads = Some(match grads {
-                None => out.grads,
-                Some(acc) => acc.into_iter().zip(out.grads).map(|(a, g)| a + g).collect(),
-            });
-        }
-        // A peer past the end of a last, partial batch adds zeros; then the sum over peers.
-        let grads = grads.unwrap_or_else(|| params.zeros_like().values);
-        let (mut grads, stats) = peer.sum_update(
-            &format!("update {}", s + 1),
-            grads,
-            vec![nll, correct, tokens as f64],
-        )?;
-        let (nll, correct) = (stats[0], stats[1]);
-        acc_tokens += stats[2].round() as usize;
-        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
-        let loss = nll / n_scored.max(1) as f64;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            bail!("update {}: non-finite loss or gradient (loss {loss}, grad_norm {grad_norm}); stopped before applying it", s + 1);
-        }
-        adamw.step(lr, &mut params, grads, &mut opt);
-        let done = s + 1;
-        (acc_nll, acc_correct, acc_scored) =
-            (acc_nll + nll, acc_correct + correct, acc_scored + n_scored);
-        let mut record = None;
-        if done.is_multiple_of(cfg.logging_steps) || done == plan.total {
-            let mut rec = Map::new();
-            rec.insert("step".into(), done.into());
-            rec.insert("epoch".into(), json_f64(plan.epoch_after(done)));
-            rec.insert("loss".into(), json_f64(acc_nll / acc_scored.max(1) as f64));
-            rec.insert("learning_rate".into(), json_f64(lr));
-            rec.insert("grad_norm".into(), json_f64(grad_norm as f64));
-            rec.insert(
-                "mean_token_accuracy".into(),
-                json_f64(acc_correct / acc_scored.max(1) as f64),
-            );
-            let secs = interval_start.elapsed().as_secs_f64().max(1e-9);
-            rec.insert(
-                "tokens_per_second".into(),
-                json_f64(acc_tokens as f64 / secs),
-            );
-            if let Some(f) = metrics_file.as_mut() {
-                f.write(&rec)?;
-            }
-            history.push(Value::Object(rec.clone()));
-            record = Some(rec);
-            (acc_nll, acc_correct, acc_scored, acc_tokens) = (0.0, 0.0, 0, 0);
-            interval_start = Instant::now();
-        }
-        on(Event::Step {
-            step: done,
-            loss,
-            record: record.as_ref(),
-        });
-        if writes && cfg.save_steps > 0 && done.is_multiple_of(cfg.save_steps) && done < plan.total
-        {
-            let dir = paths.output.join(format!("checkpoint-{done}"));
-            state::save_checkpoint(
-                &dir,
-                &params,
-                &opt,
-                &model_cfg,
-                &tokenizer_files,
-                &trainer_state(done, &history),
-            )?;
-            state::rotate_checkpoints(&paths.output, cfg.save_total_limit)?;
-            on(Event::Note(format!("saved {}", dir.display())));
+        (self.nll, self.correct) = (0.0, 0.0);
+    }
+
+    /// Ignores `scale`: the loss is a mean over the global batch's scored tokens, not its units.
+    fn micro(&mut self, params: &Flat<B>, ids: &[usize], _scale: f64) -> Micro<B> {
+        let batch: Vec<Vec<&SftExample>> = ids
+            .iter()
+            .map(|&u| self.units[u].iter().map(|&i| &self.rows[i]).collect())
+            .collect();
+        let out = sft_micro(
+            self.model_cfg,
+            params,
+            &batch,
+            self.cfg.completion_only,
+            self.cfg.packing,
+            self.n_scored.max(1),
+            self.pad,
+            self.device,
+        );
+        (self.nll, self.correct) = (self.nll + out.nll, self.correct + out.correct);
+        Micro {
+            grads: out.grads,
+            tokens: out.tokens,
         }
     }
 
-    // ---- finish -------------------------------------------------------------------------------
-    super::finish(
-        peer,
-        &paths.output.join("final"),
-        plan.total,
-        history,
-        on,
-        &mut |dir, history| {
-            let st = trainer_state(plan.total, history);
-            state::save_checkpoint(dir, &params, &opt, &model_cfg, &tokenizer_files, &st)
-        },
-    )
+    /// `[Σ NLL, Σ correct]`.
+    fn stats(&mut self) -> Vec<f64> {
+        vec![self.nll, self.correct]
+    }
+
+    fn end(&mut self, summed: &[f64]) -> f64 {
+        let (nll, correct) = (summed[0], summed[1]);
+        (self.acc_nll, self.acc_correct, self.acc_scored) = (
+            self.acc_nll + nll,
+            self.acc_correct + correct,
+            self.acc_scored + self.n_scored,
+        );
+        nll / self.n_scored.max(1) as f64
+    }
+
+    fn log(&mut self, rec: &mut Map<String, Value>) {
+        let scored = self.acc_scored.max(1) as f64;
+        rec.insert("loss".into(), json_f64(self.acc_nll / scored));
+        rec.insert(
+            "mean_token_accuracy".into(),
+            json_f64(self.acc_correct / scored),
+        );
+        (self.acc_nll, self.acc_correct, self.acc_scored) = (0.0, 0.0, 0);
+    }
 }
