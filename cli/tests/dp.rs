@@ -1,8 +1,9 @@
 //! Data parallelism end to end with the `wrpo-engine` binary on the cpu backend, loopback only:
 //! two nodes (processes) with per-device batch 2 against one process with batch 4 on the same
 //! data (same trajectory and final weights up to f32 summation order), two device peers in one
-//! process likewise, and failures (a killed peer, an unreachable orchestrator) that end every
-//! process with an error in bounded time and leave the last checkpoint intact.
+//! process likewise, both levels at once (two nodes of two devices), and failures (a killed
+//! peer, a killed or unreachable orchestrator) that end every process with an error in bounded
+//! time and leave the last checkpoint intact.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
