@@ -317,7 +317,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
 ) -> StepRecord {
     use crate::data::Encoded;
     use crate::train::optim::{clip_global_norm, AdamState, AdamW, Flat};
-    use crate::train::step::{micro_step, Reference};
+    use crate::train::step::{micro_step, Layout, Reference};
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use wrpo_kernels::loss::{LossConfig, Objective};
 
@@ -367,7 +367,18 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     for i in 0..warmup + steps.max(1) {
         let t0 = Instant::now();
         let out = micro_step(
-            &cfg, &params, &reference, &loss_cfg, &batch, &idx, 0, 1.0, device,
+            &cfg,
+            &params,
+            &reference,
+            &loss_cfg,
+            &batch,
+            &idx,
+            Layout {
+                pad: 0,
+                packed: false,
+            },
+            1.0,
+            device,
         );
         let mut grads = out.grads;
         clip_global_norm(&mut grads, 1.0);

@@ -58,9 +58,10 @@ pub enum LrSchedule {
 
 macro_rules! train_config {
     ($( $(#[doc = $doc:literal])* $(#[arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ;)*) => {
-        /// The resolved training configuration (defaults ← YAML file ← command line).
+        /// The resolved training configuration (defaults ← YAML file ← command line). Keys
+        /// missing from a saved one (a checkpoint of an older version) take their defaults.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(deny_unknown_fields, default)]
         pub struct TrainConfig {
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
@@ -167,6 +168,12 @@ train_config! {
     /// to itself, positions restart per example); the batch size then counts packed sequences.
     #[arg(value_name = "BOOL")]
     packing: bool = false;
+    /// train: padding-free batches (TRL's `padding_free`): the sequences of a micro-batch (every
+    /// row's chosen and rejected responses) are packed into rows no longer than its longest
+    /// sequence, each attending only to itself, for the policy and the reference model, instead
+    /// of one row per sequence padded to the longest. Same log-probs up to f32 rounding.
+    #[arg(value_name = "BOOL")]
+    padding_free: bool = false;
 }
 
 impl TrainConfig {

@@ -39,7 +39,7 @@ use driver::{Micro, Recipe, Setup};
 use metrics::{json_f64, Meter};
 use optim::Flat;
 use schedule::{epoch_order, Plan};
-use step::{eval_step, micro_step, Reference};
+use step::{eval_step, micro_step, Layout, Reference};
 
 /// What the trainer reports while it runs (the CLI draws a progress bar from these).
 #[derive(Debug)]
@@ -258,7 +258,10 @@ pub fn run_train_peer<B: KernelBackend>(
         eval: &eval,
         ref_train,
         ref_eval,
-        pad,
+        layout: Layout {
+            pad,
+            packed: cfg.padding_free,
+        },
         device,
         alpha: 0.0,
         loss_cfg: loss_config(cfg, 0.0),
@@ -280,7 +283,8 @@ struct Wrpo<'a, B: KernelBackend> {
     eval: &'a [Encoded],
     ref_train: Reference<B>,
     ref_eval: Reference<B>,
-    pad: u32,
+    /// Padding id and padding-free packing (`padding_free`), for policy and reference forwards.
+    layout: Layout,
     device: &'a B::Device,
     /// This update's α and loss settings.
     alpha: f64,
@@ -304,9 +308,9 @@ impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
     fn micro(&mut self, params: &Flat<B>, ids: &[usize], scale: f64) -> Micro<B> {
         let batch: Vec<&Encoded> = ids.iter().map(|&i| &self.rows[i]).collect();
         let (cfg, loss_cfg, reference) = (self.model_cfg, &self.loss_cfg, &self.ref_train);
-        let (pad, device) = (self.pad, self.device);
+        let (layout, device) = (self.layout, self.device);
         let out = micro_step(
-            cfg, params, reference, loss_cfg, &batch, ids, pad, scale, device,
+            cfg, params, reference, loss_cfg, &batch, ids, layout, scale, device,
         );
         self.step_loss += out.loss * scale;
         out.rows.iter().for_each(|row| self.step_meter.add(row));
@@ -348,7 +352,7 @@ impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
                 self.eval,
                 done,
                 self.alpha,
-                self.pad,
+                self.layout,
                 self.device,
             )
         })
@@ -386,7 +390,7 @@ fn evaluate<B: KernelBackend>(
     eval: &[Encoded],
     step: usize,
     alpha: f64,
-    pad: u32,
+    layout: Layout,
     device: &B::Device,
 ) -> Map<String, Value> {
     let model = params.model(model_cfg);
@@ -396,7 +400,7 @@ fn evaluate<B: KernelBackend>(
     for chunk in idx.chunks(cfg.per_device_train_batch_size) {
         let batch: Vec<&Encoded> = chunk.iter().map(|&i| &eval[i]).collect();
         let (loss, rows) = eval_step(
-            model_cfg, &model, reference, &loss_cfg, &batch, chunk, pad, device,
+            model_cfg, &model, reference, &loss_cfg, &batch, chunk, layout, device,
         );
         loss_sum += loss * chunk.len() as f64;
         rows.iter().for_each(|row| meter.add(row));

@@ -5,6 +5,7 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+use wrpo_kernels::logprobs::{token_logprobs, LogProbBackend};
 use wrpo_kernels::loss::{preference_loss_fused, LossConfig, PreferenceInputs};
 use wrpo_kernels::KernelBackend;
 use wrpo_models::{Llama, LlamaConfig};
@@ -12,7 +13,7 @@ use wrpo_models::{Llama, LlamaConfig};
 use super::metrics::RowStats;
 use super::optim::Flat;
 use crate::data::Encoded;
-use crate::logps::{batch_logps, make_batch, RowLogps};
+use crate::logps::{batch_logps, make_batch, make_packed_batch, pack_bfd, RowLogps};
 
 /// Where reference log-probs come from.
 pub enum Reference<B: Backend> {
@@ -35,6 +36,56 @@ fn sequences<'a>(rows: &[&'a Encoded]) -> Vec<(&'a [u32], &'a [u32])> {
             .map(|c| (r.prompt.as_slice(), c.as_slice()))
     });
     chosen.chain(rejected).collect()
+}
+
+/// How the sequences of a micro-batch go through a model.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// The padding id.
+    pub pad: u32,
+    /// false: one right-padded row per sequence. true: padding-free — sequences packed
+    /// best-fit-decreasing into rows no longer than the micro-batch's longest sequence, each
+    /// attending only to itself with positions from 0 ([`Llama::forward_packed`]). Rows are
+    /// never longer and never more than the padded batch's, so the (dense-mask) attention never
+    /// costs more; short sequences share rows.
+    pub packed: bool,
+}
+
+/// Summed completion log-probs of each of `seqs` under `model`, in either layout.
+///
+/// # Shapes
+/// - returns `[N]`, N = `seqs.len()`
+pub fn sequence_logps<B: LogProbBackend>(
+    model: &Llama<B>,
+    cfg: &LlamaConfig,
+    seqs: &[(&[u32], &[u32])],
+    layout: Layout,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    if !layout.packed {
+        return batch_logps(model, cfg, make_batch::<B>(seqs, layout.pad, device)).0;
+    }
+    let lens: Vec<usize> = seqs.iter().map(|(p, c)| p.len() + c.len()).collect();
+    let bins = pack_bfd(&lens, lens.iter().copied().max().unwrap_or(1));
+    let rows: Vec<Vec<(&[u32], &[u32])>> = bins
+        .iter()
+        .map(|b| b.iter().map(|&i| seqs[i]).collect())
+        .collect();
+    let packed = make_packed_batch::<B>(&rows, layout.pad, device);
+    let [r, t] = packed.input_ids.dims();
+    let logits = model.forward_packed(cfg, packed.input_ids, &packed.segments, &packed.positions);
+    let tokens = token_logprobs(logits, packed.labels); // [R, T], 0 where not scored
+                                                        // Segment sums as one matmul with a 0/1 [R·T, N] matrix: token (row, t) of segment s
+                                                        // belongs to sequence bins[row][s − 1]; padding (segment 0) to none.
+    let n = seqs.len();
+    let mut onehot = vec![0f32; r * t * n];
+    for (i, &seg) in packed.segments.iter().enumerate() {
+        if seg > 0 {
+            onehot[i * n + bins[i / t][seg as usize - 1]] = 1.0;
+        }
+    }
+    let owner = Tensor::<B, 2>::from_data(TensorData::new(onehot, [r * t, n]), device);
+    tokens.reshape([1, r * t]).matmul(owner).reshape([n])
 }
 
 fn to_2d<B: Backend>(v: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
@@ -62,14 +113,14 @@ fn reference_logps<B: KernelBackend>(
     reference: &Reference<B>,
     rows: &[&Encoded],
     idx: &[usize],
-    pad: u32,
+    layout: Layout,
     device: &B::Device,
 ) -> Logps<B> {
     let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
     match reference {
         Reference::Model(m, ref_cfg) => {
-            let batch = make_batch::<B>(&sequences(rows), pad, device);
-            split(batch_logps(m, ref_cfg, batch).0, b, k1, r)
+            let sums = sequence_logps(m, ref_cfg, &sequences(rows), layout, device);
+            split(sums, b, k1, r)
         }
         Reference::Table(t) => {
             let c = idx
@@ -155,8 +206,9 @@ pub struct MicroOut<B: Backend> {
 }
 
 /// Forward + backward of one micro-batch with the policy `params`. `idx` are the rows' positions
-/// in the split (for a reference table); `scale` multiplies the loss before backward (rows in this
-/// micro-batch / rows in the global batch, so that gradients add up to the global-batch mean).
+/// in the split (for a reference table); `layout` says how sequences are batched (policy and
+/// reference model alike); `scale` multiplies the loss before backward (rows in this micro-batch
+/// / rows in the global batch, so that gradients add up to the global-batch mean).
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step<B: KernelBackend>(
     cfg: &LlamaConfig,
@@ -165,7 +217,7 @@ pub fn micro_step<B: KernelBackend>(
     loss_cfg: &LossConfig,
     rows: &[&Encoded],
     idx: &[usize],
-    pad: u32,
+    layout: Layout,
     scale: f64,
     device: &B::Device,
 ) -> MicroOut<B> {
@@ -174,9 +226,9 @@ pub fn micro_step<B: KernelBackend>(
     let policy_model: Llama<A<B>> = params.leaf_model(cfg);
     let seqs = sequences(rows);
     let tokens = seqs.iter().map(|(p, c)| p.len() + c.len()).sum();
-    let batch = make_batch::<A<B>>(&seqs, pad, device);
-    let policy = split(batch_logps(&policy_model, cfg, batch).0, b, k1, r);
-    let refs = reference_logps(reference, rows, idx, pad, device);
+    let sums = sequence_logps(&policy_model, cfg, &seqs, layout, device);
+    let policy = split(sums, b, k1, r);
+    let refs = reference_logps(reference, rows, idx, layout, device);
     let (ct, rt) = token_counts::<B>(rows, device);
     let out = preference_loss_fused(
         loss_cfg,
@@ -220,13 +272,13 @@ pub fn eval_step<B: KernelBackend>(
     loss_cfg: &LossConfig,
     rows: &[&Encoded],
     idx: &[usize],
-    pad: u32,
+    layout: Layout,
     device: &B::Device,
 ) -> (f64, Vec<RowStats>) {
     let (b, k1, r) = (rows.len(), rows[0].chosen.len(), rows[0].rejected.len());
-    let batch = make_batch::<B>(&sequences(rows), pad, device);
-    let policy = split(batch_logps(policy_model, cfg, batch).0, b, k1, r);
-    let refs = reference_logps(reference, rows, idx, pad, device);
+    let sums = sequence_logps(policy_model, cfg, &sequences(rows), layout, device);
+    let policy = split(sums, b, k1, r);
+    let refs = reference_logps(reference, rows, idx, layout, device);
     let (ct, rt) = token_counts::<B>(rows, device);
     let out = preference_loss_fused(
         loss_cfg,
