@@ -109,6 +109,35 @@ fn node(cmd: &mut Command, nodes: usize, rank: usize, orch: u16) -> &mut Command
     .args(["--data-port", &free_port().to_string()])
 }
 
+/// Wait (at most 60 s after `since`) for `child` to exit; it must fail. Returns its last
+/// `error:` line (printed with the time it took).
+fn fails_within(child: &mut Guard, since: Instant, who: &str, event: &str) -> String {
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "{who} still running 60 s after {event}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{who} succeeded: {err}");
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("")
+        .to_string();
+    println!(
+        "{who} stopped {:.1} s after {event}: {last}",
+        since.elapsed().as_secs_f64()
+    );
+    last
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -368,40 +397,11 @@ fn a_killed_node_stops_the_other_in_bounded_time_and_keeps_the_checkpoint() {
     }
     n1.0.kill().unwrap();
     n1.0.wait().unwrap();
-    let killed = Instant::now();
     // Bound: the collective timeout (10 s) plus one update and the error path.
-    let status = loop {
-        if let Some(s) = n0.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "node 0 still running 60 s after node 1 was killed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let waited = killed.elapsed();
-    let mut err = String::new();
-    use std::io::Read;
-    n0.0.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    println!(
-        "node 0 stopped {:.1} s after node 1 was killed",
-        waited.as_secs_f64()
-    );
-    assert!(!status.success(), "node 0 succeeded: {err}");
-    let last = err
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or("");
-    println!("{last}");
+    let last = fails_within(&mut n0, Instant::now(), "node 0", "node 1 was killed");
     assert!(
         last.contains("node rank 1"),
-        "the error names the peer: {err}"
+        "the error names the peer: {last}"
     );
     // The newest checkpoint is complete: its state parses and its weights load.
     let mut ckpts: Vec<(usize, PathBuf)> = std::fs::read_dir(&out)
@@ -450,33 +450,13 @@ fn a_killed_orchestrator_stops_every_node_in_bounded_time() {
     orch.0.wait().unwrap();
     let killed = Instant::now();
     for (rank, n) in nodes.iter_mut().enumerate() {
-        let status = loop {
-            if let Some(s) = n.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                killed.elapsed() < Duration::from_secs(60),
-                "node {rank} still running 60 s after the orchestrator was killed"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut n.0.stderr.take().unwrap(), &mut err).unwrap();
-        assert!(!status.success(), "node {rank} succeeded: {err}");
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("");
-        println!(
-            "node {rank} stopped {:.1} s after the orchestrator: {last}",
-            killed.elapsed().as_secs_f64()
-        );
+        let who = format!("node {rank}");
+        let last = fails_within(n, killed, &who, "the orchestrator was killed");
         assert!(
             last.contains(&format!(
                 "the orchestrator at 127.0.0.1:{port} does not answer"
             )),
-            "node {rank}: {err}"
+            "node {rank}: {last}"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
