@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wrpo_engine_core::train::state::read_safetensors;
-use wrpo_tests::{assert_close, tol};
+use wrpo_tests::{assert_close, paired_weights, tol};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
@@ -178,15 +178,11 @@ fn same_run(label: &str, got: &Path, want: &Path) {
             rep.max_abs, rep.max_rel
         );
     }
-    let gw = read_safetensors(&got.join("final/model.safetensors")).unwrap();
-    let ww = read_safetensors(&want.join("final/model.safetensors")).unwrap();
-    let (mut a, mut b) = (vec![], vec![]);
-    let mut names: Vec<&String> = ww.keys().collect();
-    names.sort();
-    for n in names {
-        a.extend(gw[n].1.iter().map(|&x| x as f64));
-        b.extend(ww[n].1.iter().map(|&x| x as f64));
-    }
+    let (a, b) = paired_weights(
+        &got.join("final/model.safetensors"),
+        &want.join("final/model.safetensors"),
+        label,
+    );
     let rep = assert_close(
         &format!("{label} final weights"),
         &a,

@@ -76,6 +76,28 @@ pub mod tol {
     };
 }
 
+/// Two safetensors files' weights as flat f64 vectors, tensor by tensor in name order, after
+/// checking that they hold the same tensors with the same shapes (`what` names the pair).
+pub fn paired_weights(
+    got: &std::path::Path,
+    want: &std::path::Path,
+    what: &str,
+) -> (Vec<f64>, Vec<f64>) {
+    use wrpo_engine_core::train::state::read_safetensors;
+    let got = read_safetensors(got).unwrap();
+    let want = read_safetensors(want).unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: tensor count");
+    let mut names: Vec<&String> = want.keys().collect();
+    names.sort();
+    let (mut g, mut w) = (vec![], vec![]);
+    for n in names {
+        assert_eq!(got[n].0, want[n].0, "{what}: shape of {n}");
+        g.extend(got[n].1.iter().map(|&x| x as f64));
+        w.extend(want[n].1.iter().map(|&x| x as f64));
+    }
+    (g, w)
+}
+
 /// Root of the committed fixtures: `$WRPO_FIXTURES` if set (prebuilt test binaries run from another
 /// checkout, e.g. the GPU check), else `tests/fixtures` of this source tree.
 pub fn fixtures() -> PathBuf {

@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
 use wrpo_engine_core::train::config::{resolve, RunPaths, TrainArgs, TrainConfig};
-use wrpo_engine_core::train::{
-    run_train, sft::run_sft, state::read_safetensors, Event, TrainJob, TrainSummary,
-};
+use wrpo_engine_core::train::{run_train, sft::run_sft, Event, TrainJob, TrainSummary};
 use wrpo_kernels::KernelBackend;
-use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
+use wrpo_tests::{assert_close, cuda_device, fixtures, paired_weights, tol, wgpu_device};
 
 const CASES: [(&str, &str); 2] = [
     ("wrpo_k1r1", "train_rows.jsonl"),
@@ -98,17 +96,11 @@ fn compare(label: &str, case: &str, summary: &TrainSummary, dir: &Path) {
             rep.max_abs, rep.max_rel
         );
     }
-    let got = read_safetensors(&summary.final_dir.join("model.safetensors")).unwrap();
-    let want = read_safetensors(&dir.join("final_model.safetensors")).unwrap();
-    assert_eq!(got.len(), want.len(), "{case}: tensor count");
-    let (mut g, mut w) = (vec![], vec![]);
-    let mut names: Vec<&String> = want.keys().collect();
-    names.sort();
-    for n in names {
-        assert_eq!(got[n].0, want[n].0, "{case}: shape of {n}");
-        g.extend(got[n].1.iter().map(|&x| x as f64));
-        w.extend(want[n].1.iter().map(|&x| x as f64));
-    }
+    let (g, w) = paired_weights(
+        &summary.final_dir.join("model.safetensors"),
+        &dir.join("final_model.safetensors"),
+        case,
+    );
     let rep = assert_close(
         &format!("{label} {case} final weights"),
         &g,
@@ -221,15 +213,11 @@ fn sft_packing_matches_unpacked<B: KernelBackend>(device: &B::Device, label: &st
             rep.max_abs, rep.max_rel
         );
     }
-    let wa = read_safetensors(&plain.final_dir.join("model.safetensors")).unwrap();
-    let wb = read_safetensors(&packed.final_dir.join("model.safetensors")).unwrap();
-    let mut names: Vec<&String> = wa.keys().collect();
-    names.sort();
-    let (mut g, mut w) = (vec![], vec![]);
-    for n in names {
-        g.extend(wb[n].1.iter().map(|&x| x as f64));
-        w.extend(wa[n].1.iter().map(|&x| x as f64));
-    }
+    let (g, w) = paired_weights(
+        &packed.final_dir.join("model.safetensors"),
+        &plain.final_dir.join("model.safetensors"),
+        &format!("{label} packed vs unpacked"),
+    );
     let rep = assert_close(
         &format!("{label} packed vs unpacked weights"),
         &g,
