@@ -9,8 +9,11 @@
 //! - `N`: sequences in a batch (rows × completions, stacked)
 //! - `T`: sequence length (tokens, right-padded)
 //! - `V`: vocabulary size
+//! - `M`: scored positions of a batch, gathered (the fused head's rows)
+//! - `H`: hidden size
 #![warn(missing_docs)]
 
+pub mod head;
 pub mod logprobs;
 pub mod loss;
 #[cfg(test)]
@@ -21,9 +24,16 @@ mod test_util;
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Every op the trainer runs through a backend extension: the token log-probs
-/// ([`logprobs::LogProbBackend`]) and the preference loss ([`loss::LossBackend`]). Implemented for
+/// ([`logprobs::LogProbBackend`]), the LM head fused with them ([`head::HeadLogProbBackend`]) and
+/// the preference loss ([`loss::LossBackend`]). Implemented for
 /// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on NdArray, and
 /// `Autodiff` of either).
-pub trait KernelBackend: logprobs::LogProbBackend + loss::LossBackend {}
+pub trait KernelBackend:
+    logprobs::LogProbBackend + head::HeadLogProbBackend + loss::LossBackend
+{
+}
 
-impl<B: logprobs::LogProbBackend + loss::LossBackend> KernelBackend for B {}
+impl<B: logprobs::LogProbBackend + head::HeadLogProbBackend + loss::LossBackend> KernelBackend
+    for B
+{
+}
