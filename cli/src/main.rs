@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use wrpo_engine_core::backend::{select, BackendChoice, Selected};
 use wrpo_engine_core::dispatch;
-use wrpo_engine_core::logps::{run_logps, LogpsJob};
+use wrpo_engine_core::logps::{run_logps, Head, HeadImpl, LogpsJob};
 use wrpo_engine_core::model::ModelSource;
 
 mod build_dataset;
@@ -112,9 +112,16 @@ struct BenchStepArgs {
     /// Rows per update (3 sequences each).
     #[arg(long, default_value_t = 2)]
     batch: usize,
-    /// Tokens per sequence (a quarter of them prompt).
-    #[arg(long, default_value_t = 256)]
-    seq: usize,
+    /// Tokens per sequence (a quarter of them prompt); a comma-separated list runs each length in
+    /// a fresh process (so each peak is its own) and prints one line per length.
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    seq: Vec<usize>,
+    /// `fused` (the default) or `dense` LM head (see `train --lm-head-impl`).
+    #[arg(long, value_enum, default_value_t = HeadImpl::Fused)]
+    lm_head_impl: HeadImpl,
+    /// Positions per block of the fused head (0 = automatic).
+    #[arg(long, default_value_t = 0)]
+    lm_head_chunk: usize,
     /// Timed updates (median reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -205,6 +212,13 @@ struct LogpsArgs {
     /// Skip bad rows (reported on stderr) instead of stopping at the first.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// `fused` (completion positions only, through the LM head a block at a time: no [N, T, V]
+    /// logits) or `dense` (the full logits: the reference).
+    #[arg(long, value_enum, default_value_t = HeadImpl::Fused)]
+    lm_head_impl: HeadImpl,
+    /// Positions per block of the fused head (0 = automatic, about 16M logits per block).
+    #[arg(long, default_value_t = 0)]
+    lm_head_chunk: usize,
 }
 
 fn main() -> ExitCode {
@@ -317,6 +331,10 @@ fn logps(a: LogpsArgs) -> Result<()> {
         max_length: a.max_length,
         max_prompt_length: a.max_prompt_length,
         skip_bad_rows: a.skip_bad_rows,
+        head: Head {
+            imp: a.lm_head_impl,
+            chunk: a.lm_head_chunk,
+        },
     };
     eprintln!("model: {}", job.model.label());
     let selected = device(a.backend.backend)?;
@@ -360,7 +378,7 @@ fn logps(a: LogpsArgs) -> Result<()> {
 }
 
 fn bench_step(a: BenchStepArgs) -> Result<()> {
-    use wrpo_engine_core::bench::{bench_step, StepShape};
+    use wrpo_engine_core::bench::{bench_step, StepRecord, StepShape};
     anyhow::ensure!(
         a.heads > 0
             && a.kv_heads > 0
@@ -369,9 +387,63 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         "--heads must divide --hidden and be a multiple of --kv-heads"
     );
     anyhow::ensure!(
-        a.seq >= 4 && a.batch > 0 && a.vocab > 0,
-        "--seq ≥ 4, --batch ≥ 1, --vocab ≥ 1"
+        !a.seq.is_empty() && a.seq.iter().all(|&t| t >= 4) && a.batch > 0 && a.vocab > 0,
+        "--seq ≥ 4 (each length of the list), --batch ≥ 1, --vocab ≥ 1"
     );
+    let print = |r: &StepRecord| {
+        let mb = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
+        println!(
+            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {} head {:?}: {:.1} ms/update, {:.0} policy tokens/s, peak {} (before the first update {})",
+            r.backend, a.hidden, a.layers, a.vocab, a.batch, r.shape.seq, r.lm_head_impl,
+            r.step_ms_median, r.tokens_per_second, mb(r.peak_mb), mb(r.base_mb)
+        );
+    };
+    if a.seq.len() > 1 {
+        // One fresh process per length: a process's peak resident set only grows.
+        let exe = std::env::current_exe().context("locating the wrpo-engine binary")?;
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        let records: Vec<StepRecord> = a
+            .seq
+            .iter()
+            .map(|&t| -> Result<StepRecord> {
+                let at = args
+                    .iter()
+                    .position(|x| x == "--seq" || x.starts_with("--seq="));
+                match at {
+                    Some(i) if args[i] == "--seq" => {
+                        args[i + 1] = t.to_string();
+                    }
+                    Some(i) => args[i] = format!("--seq={t}"),
+                    None => unreachable!("a list of lengths came from --seq"),
+                }
+                if !args.iter().any(|x| x == "--json") {
+                    args.push("--json".into());
+                }
+                let out = std::process::Command::new(&exe)
+                    .args(&args)
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .context("running bench step for one length")?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "bench step --seq {t} failed ({})",
+                    out.status
+                );
+                let text = String::from_utf8_lossy(&out.stdout);
+                let line = text.lines().rfind(|l| l.starts_with('{')).unwrap_or("");
+                serde_json::from_str(line)
+                    .with_context(|| format!("bench step --seq {t}: no record in {text:?}"))
+            })
+            .collect::<Result<_>>()?;
+        for r in &records {
+            if a.json {
+                println!("{}", serde_json::to_string(r).expect("serialisable"));
+            } else {
+                print(r);
+            }
+        }
+        return Ok(());
+    }
     let selected = device(a.backend.backend)?;
     let label = selected.to_string();
     let shape = StepShape {
@@ -382,17 +454,17 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         intermediate: a.intermediate,
         vocab: a.vocab,
         batch: a.batch,
-        seq: a.seq,
+        seq: a.seq[0],
     };
-    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, a.steps, a.warmup, a.seed));
+    let head = Head {
+        imp: a.lm_head_impl,
+        chunk: a.lm_head_chunk,
+    };
+    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.steps, a.warmup, a.seed));
     if a.json {
         println!("{}", serde_json::to_string(&r).expect("serialisable"));
     } else {
-        println!(
-            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {}: {:.1} ms/update, {:.0} policy tokens/s, peak {}",
-            r.backend, a.hidden, a.layers, a.vocab, a.batch, a.seq, r.step_ms_median, r.tokens_per_second,
-            r.peak_mb.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"))
-        );
+        print(&r);
     }
     Ok(())
 }

@@ -260,7 +260,7 @@ pub fn peak_memory<B: LogProbBackend + MemoryProbe>(
 }
 
 /// Shape of a `bench step` run (same knobs as `tests/reference/bench_step.py`).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct StepShape {
     /// H.
     pub hidden: usize,
@@ -281,10 +281,10 @@ pub struct StepShape {
 }
 
 /// Result of `bench step`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StepRecord {
     /// Always `wrpo_step`.
-    pub op: &'static str,
+    pub op: String,
     /// The backend.
     pub backend: String,
     /// The model and batch.
@@ -295,22 +295,39 @@ pub struct StepRecord {
     pub tokens_per_second: f64,
     /// Peak resident memory of the process (cpu) or device pool reservation (CubeCL), MiB.
     pub peak_mb: Option<f64>,
+    /// The same measure after the models, parameters and tokens were set up and before the first
+    /// update, MiB: `peak_mb − base_mb` is what the updates themselves add (activations, logits,
+    /// gradients, AdamW moments).
+    pub base_mb: Option<f64>,
+    /// The LM-head path (`fused` or `dense`).
+    pub lm_head_impl: crate::logps::HeadImpl,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Current resident set size of this process (Linux `VmRSS`), bytes.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+fn proc_status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Time full WRPO updates (policy forward + reference forward + loss + backward + global clipping +
-/// AdamW) of a random LLaMA on random tokens: `warmup` untimed, then `steps` timed.
+/// AdamW) of a random LLaMA on random tokens: `warmup` untimed, then `steps` timed; the LM head
+/// through `head` (fused or dense).
+#[allow(clippy::too_many_arguments)]
 pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     device: &B::Device,
     backend: &str,
     shape: StepShape,
+    head: crate::logps::Head,
     steps: usize,
     warmup: usize,
     seed: u64,
@@ -363,6 +380,11 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         weight_decay: 0.0,
     };
     let mut opt = AdamState::new(&params);
+    let memory = || match B::reserved_bytes(device) {
+        Some(b) => Some(b),
+        None => rss_bytes(),
+    };
+    let base = memory();
     let mut times = vec![];
     for i in 0..warmup + steps.max(1) {
         let t0 = Instant::now();
@@ -376,6 +398,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
             Layout {
                 pad: 0,
                 packed: false,
+                head,
             },
             1.0,
             device,
@@ -395,12 +418,14 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         None => peak_rss_bytes(),
     };
     StepRecord {
-        op: "wrpo_step",
+        op: "wrpo_step".to_string(),
         backend: backend.to_string(),
         shape,
         step_ms_median: med * 1e3,
         tokens_per_second: (3 * shape.batch * shape.seq) as f64 / med,
         peak_mb: peak.map(|b| b as f64 / (1024.0 * 1024.0)),
+        base_mb: base.map(|b| b as f64 / (1024.0 * 1024.0)),
+        lm_head_impl: head.imp,
     }
 }
 

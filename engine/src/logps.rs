@@ -1,12 +1,109 @@
 //! Per-sequence log-probs of completions under a model: rows stacked into one right-padded batch,
 //! one forward, labels shifted and masked, summed in f32 (see `wrpo_kernels::logprobs`).
+//!
+//! From the final hidden states to the log-probs there are two paths ([`HeadImpl`]):
+//! - **fused** (the default): only the scored positions (completion tokens) are gathered, and they
+//!   go through the LM head fused with the log-prob op a block of positions at a time
+//!   ([`wrpo_kernels::head`]), so the `[N, T, V]` logits never exist — neither for prompt and
+//!   padding positions nor, under autodiff, for the backward (which recomputes each block);
+//! - **dense**: the head on every position, then the log-prob op on the whole `[N, T, V]` logits.
+//!   The reference the fused path is tested against.
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 use wrpo_kernels::{
-    logprobs::{sequence_logprobs, LogProbBackend},
+    head::{default_chunk, head_logprobs, HeadLogProbBackend},
+    logprobs::sequence_logprobs,
     IGNORE_INDEX,
 };
 use wrpo_models::{Llama, LlamaConfig};
+
+/// How completion log-probs are computed from the final hidden states (`lm_head_impl`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadImpl {
+    /// Only scored positions go through the LM head, fused with the log-probs a block at a time;
+    /// no `[N, T, V]` logits (memory independent of the vocabulary beyond one block).
+    #[default]
+    Fused,
+    /// The full `[N, T, V]` logits, then the log-prob op: the tested reference.
+    Dense,
+}
+
+/// The head path and its block length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Head {
+    /// Fused or dense.
+    pub imp: HeadImpl,
+    /// Positions per block of the fused head; 0 = automatic ([`default_chunk`]: about 16M logits
+    /// per block, 130 positions at V = 128256).
+    pub chunk: usize,
+}
+
+impl Head {
+    /// The dense reference path.
+    pub const DENSE: Head = Head {
+        imp: HeadImpl::Dense,
+        chunk: 0,
+    };
+
+    /// Positions per block for a vocabulary of `vocab`.
+    pub fn chunk_for(&self, vocab: usize) -> usize {
+        if self.chunk == 0 {
+            default_chunk(vocab)
+        } else {
+            self.chunk
+        }
+    }
+}
+
+/// The scored positions of a batch, on the host: where each label sits, its value, and the
+/// sequence it belongs to.
+///
+/// # Shapes
+/// - every vector has `M` entries, `M` = scored positions of the batch
+#[derive(Debug, Clone, Default)]
+pub struct Scored {
+    /// Flat position `row·T + t` of each scored position.
+    pub index: Vec<i64>,
+    /// Its label (the next token).
+    pub labels: Vec<i64>,
+    /// The sequence it belongs to (a row of a padded batch; a sequence ordinal of a packed one).
+    pub owner: Vec<i64>,
+}
+
+/// Per-sequence sums of the scored positions' log-probs from the final hidden states, through the
+/// fused head. `None` when the batch has no scored position (the caller takes the dense path,
+/// which keeps the autodiff graph connected).
+///
+/// # Shapes
+/// - `hidden`: `[R, T, H]`; `scored` indexes its `R·T` positions and owns `n` sequences
+/// - returns `[n]`
+pub fn fused_sums<B: HeadLogProbBackend>(
+    model: &Llama<B>,
+    hidden: Tensor<B, 3>,
+    scored: &Scored,
+    n: usize,
+    head: Head,
+) -> Option<Tensor<B, 1>> {
+    let m = scored.index.len();
+    if m == 0 {
+        return None;
+    }
+    let [r, t, h] = hidden.dims();
+    let device = hidden.device();
+    let int = |v: &[i64]| Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [m]), &device);
+    let gathered = hidden.reshape([r * t, h]).select(0, int(&scored.index)); // [M, H]
+    let weight = model.head_weight(); // [V, H]
+    let chunk = head.chunk_for(weight.dims()[0]);
+    let logp = head_logprobs(gathered, weight, int(&scored.labels), chunk); // [M]
+    Some(Tensor::zeros([n], &device).select_assign(
+        0,
+        int(&scored.owner),
+        logp,
+        IndexingUpdateOp::Add,
+    ))
+}
 
 use crate::data::Encoded;
 
@@ -23,6 +120,8 @@ pub struct Batch<B: Backend> {
     /// `labels[n, t]` = the token at `t + 1` when it is a completion token, else [`IGNORE_INDEX`]
     /// (already shifted: position `t`'s logits predict it).
     pub labels: Tensor<B, 2, Int>,
+    /// The scored positions on the host (owner = row).
+    pub scored: Scored,
 }
 
 /// Stack `(prompt, completion)` pairs into a batch.
@@ -41,6 +140,7 @@ pub fn make_batch<B: Backend>(
     let mut ids = vec![pad_id as i64; n * t];
     let mut valid = vec![false; n * t];
     let mut labels = vec![IGNORE_INDEX; n * t];
+    let mut scored = Scored::default();
     for (row, (p, c)) in seqs.iter().enumerate() {
         let base = row * t;
         for (j, &tok) in p.iter().chain(c.iter()).enumerate() {
@@ -53,6 +153,9 @@ pub fn make_batch<B: Backend>(
             let pos = p.len() + k;
             if pos > 0 {
                 labels[base + pos - 1] = tok as i64;
+                scored.index.push((base + pos - 1) as i64);
+                scored.labels.push(tok as i64);
+                scored.owner.push(row as i64);
             }
         }
     }
@@ -60,6 +163,7 @@ pub fn make_batch<B: Backend>(
         input_ids: Tensor::from_data(TensorData::new(ids, [n, t]), device),
         valid: Tensor::from_data(TensorData::new(valid, [n, t]), device),
         labels: Tensor::from_data(TensorData::new(labels, [n, t]), device),
+        scored,
     }
 }
 
@@ -78,6 +182,9 @@ pub struct PackedBatch<B: Backend> {
     pub segments: Vec<u32>,
     /// Position of each token within its sequence (0 at padding).
     pub positions: Vec<usize>,
+    /// The scored positions on the host; the owner is the sequence's ordinal in packing order
+    /// (row 0's sequences first, each row's in order: `rows.concat()`'s index).
+    pub scored: Scored,
 }
 
 /// Pack rows of `(prompt, completion)` sequences; row `r` holds `rows[r]` back to back.
@@ -93,6 +200,8 @@ pub fn make_packed_batch<B: Backend>(
     let mut labels = vec![IGNORE_INDEX; n * t];
     let mut segments = vec![0u32; n * t];
     let mut positions = vec![0usize; n * t];
+    let mut scored = Scored::default();
+    let mut ordinal = 0i64;
     for (r, row) in rows.iter().enumerate() {
         let mut base = r * t;
         for (s, (p, c)) in row.iter().enumerate() {
@@ -105,9 +214,13 @@ pub fn make_packed_batch<B: Backend>(
                 let pos = p.len() + k;
                 if pos > 0 {
                     labels[base + pos - 1] = tok as i64;
+                    scored.index.push((base + pos - 1) as i64);
+                    scored.labels.push(tok as i64);
+                    scored.owner.push(ordinal);
                 }
             }
             base += p.len() + c.len();
+            ordinal += 1;
         }
     }
     PackedBatch {
@@ -115,6 +228,7 @@ pub fn make_packed_batch<B: Backend>(
         labels: Tensor::from_data(TensorData::new(labels, [n, t]), device),
         segments,
         positions,
+        scored,
     }
 }
 
@@ -152,17 +266,33 @@ pub fn pack_bfd(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
     bins
 }
 
-/// Summed completion log-probs and scored-token counts for each sequence, in one forward.
+/// Summed completion log-probs and scored-token counts for each sequence, in one forward, through
+/// `head` (fused or dense).
 ///
 /// # Shapes
 /// - returns (`[N]`, `[N]`)
-pub fn batch_logps<B: LogProbBackend>(
+pub fn batch_logps<B: HeadLogProbBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     batch: Batch<B>,
+    head: Head,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let logits = model.forward(cfg, batch.input_ids, batch.valid);
-    sequence_logprobs(logits, batch.labels)
+    let [n, _t] = batch.input_ids.dims();
+    let device = batch.input_ids.device();
+    let hidden = model.hidden(cfg, batch.input_ids, batch.valid);
+    if head.imp == HeadImpl::Fused {
+        if let Some(sums) = fused_sums(model, hidden.clone(), &batch.scored, n, head) {
+            let mut counts = vec![0f32; n];
+            batch
+                .scored
+                .owner
+                .iter()
+                .for_each(|&o| counts[o as usize] += 1.0);
+            let counts = Tensor::from_data(TensorData::new(counts, [n]), &device);
+            return (sums, counts);
+        }
+    }
+    sequence_logprobs(model.head(hidden), batch.labels)
 }
 
 /// Log-probs of one row's completions.
@@ -179,11 +309,12 @@ pub struct RowLogps {
 }
 
 /// Log-probs for a group of rows, all their sequences in one forward.
-pub fn rows_logps<B: LogProbBackend>(
+pub fn rows_logps<B: HeadLogProbBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     rows: &[Encoded],
     pad_id: u32,
+    head: Head,
     device: &B::Device,
 ) -> Vec<RowLogps> {
     let seqs: Vec<(&[u32], &[u32])> = rows
@@ -195,7 +326,7 @@ pub fn rows_logps<B: LogProbBackend>(
                 .map(|c| (r.prompt.as_slice(), c.as_slice()))
         })
         .collect();
-    let (sums, _) = batch_logps(model, cfg, make_batch::<B>(&seqs, pad_id, device));
+    let (sums, _) = batch_logps(model, cfg, make_batch::<B>(&seqs, pad_id, device), head);
     let sums: Vec<f32> = sums
         .into_data()
         .convert::<f32>()
@@ -232,6 +363,8 @@ pub struct LogpsJob {
     pub max_prompt_length: Option<usize>,
     /// Skip bad rows instead of failing.
     pub skip_bad_rows: bool,
+    /// Fused or dense LM head.
+    pub head: Head,
 }
 
 /// What a `logps` run produced.
@@ -245,7 +378,7 @@ pub struct LogpsOutput {
 
 /// Run `logps`: load tokenizer, data and model, then score every row. `progress(done, total)` is
 /// called after each batch.
-pub fn run_logps<B: LogProbBackend>(
+pub fn run_logps<B: HeadLogProbBackend>(
     job: &LogpsJob,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),
@@ -270,7 +403,7 @@ pub fn run_logps<B: LogProbBackend>(
     let mut rows = Vec::with_capacity(ds.rows.len());
     let total = ds.rows.len();
     for chunk in ds.rows.chunks(job.batch_size) {
-        let out = rows_logps(&model, &cfg, chunk, pad, device);
+        let out = rows_logps(&model, &cfg, chunk, pad, job.head, device);
         rows.extend(chunk.iter().map(|r| r.line).zip(out));
         progress(rows.len(), total);
     }

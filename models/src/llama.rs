@@ -530,6 +530,15 @@ impl<B: Backend> Llama<B> {
         self.model.forward(cfg, input_ids, valid)
     }
 
+    /// The LM head's weight, `[V, H]`: `lm_head.weight`, or `model.embed_tokens.weight` when tied
+    /// (the same parameter, so under autodiff both uses add into its one gradient).
+    pub fn head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.val(),
+        }
+    }
+
     /// The LM head: `[.., H]` → `[.., V]` (tied to the embeddings when `lm_head` is `None`).
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {

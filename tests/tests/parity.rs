@@ -10,9 +10,9 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
 use wrpo_engine_core::data::{Dataset, EncodeOptions};
-use wrpo_engine_core::logps::rows_logps;
+use wrpo_engine_core::logps::{rows_logps, Head, HeadImpl};
 use wrpo_engine_core::tokenizer::TextTokenizer;
-use wrpo_kernels::logprobs::LogProbBackend;
+use wrpo_kernels::head::HeadLogProbBackend;
 use wrpo_models::load_hf;
 use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
 
@@ -172,7 +172,7 @@ fn packed_logits_parity<B: Backend>(device: &B::Device, label: &str) {
     }
 }
 
-fn logps_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
+fn logps_parity<B: HeadLogProbBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let dir = fixtures().join(name);
         let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
@@ -221,48 +221,60 @@ fn logps_parity<B: LogProbBackend>(device: &B::Device, label: &str) {
                     "{what}: row {i} rejected ids"
                 );
             }
-            // Two rows per forward: batching and padding differ from the reference's.
-            let got: Vec<_> = ds
-                .rows
-                .chunks(2)
-                .flat_map(|c| rows_logps(&model, &cfg, c, 0, device))
-                .collect();
-            let f = |v: &Value| -> Vec<f64> {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            };
-            let (mut g, mut w) = (Vec::new(), Vec::new());
-            for (got, want) in got.iter().zip(rows) {
-                g.extend(got.chosen.iter().chain(&got.rejected));
-                w.extend(f(&want["chosen"]).into_iter().chain(f(&want["rejected"])));
-                let counts = |v: &Value| -> Vec<usize> {
+            // Two rows per forward: batching and padding differ from the reference's. Both LM-head
+            // paths: the fused head (the default; 3-position blocks so that sequences straddle
+            // blocks) and the dense logits.
+            for head in [
+                Head {
+                    imp: HeadImpl::Fused,
+                    chunk: 3,
+                },
+                Head::DENSE,
+            ] {
+                let what = format!("{what} head {:?}", head.imp);
+                let got: Vec<_> = ds
+                    .rows
+                    .chunks(2)
+                    .flat_map(|c| rows_logps(&model, &cfg, c, 0, head, device))
+                    .collect();
+
+                let f = |v: &Value| -> Vec<f64> {
                     v.as_array()
                         .unwrap()
                         .iter()
-                        .map(|x| x.as_u64().unwrap() as usize)
+                        .map(|x| x.as_f64().unwrap())
                         .collect()
                 };
-                assert_eq!(
-                    got.chosen_tokens,
-                    counts(&want["chosen_tokens"]),
-                    "{what}: token counts"
-                );
-                assert_eq!(
-                    got.rejected_tokens,
-                    counts(&want["rejected_tokens"]),
-                    "{what}: token counts"
+                let (mut g, mut w) = (Vec::new(), Vec::new());
+                for (got, want) in got.iter().zip(rows) {
+                    g.extend(got.chosen.iter().chain(&got.rejected));
+                    w.extend(f(&want["chosen"]).into_iter().chain(f(&want["rejected"])));
+                    let counts = |v: &Value| -> Vec<usize> {
+                        v.as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_u64().unwrap() as usize)
+                            .collect()
+                    };
+                    assert_eq!(
+                        got.chosen_tokens,
+                        counts(&want["chosen_tokens"]),
+                        "{what}: token counts"
+                    );
+                    assert_eq!(
+                        got.rejected_tokens,
+                        counts(&want["rejected_tokens"]),
+                        "{what}: token counts"
+                    );
+                }
+                let r = assert_close(&format!("{what} logps"), &g, &w, tol::LOGPS_F32);
+                println!(
+                    "{what}: {} sequences, log-prob max abs err {:.3e}, max rel err {:.3e}",
+                    g.len(),
+                    r.max_abs,
+                    r.max_rel
                 );
             }
-            let r = assert_close(&format!("{what} logps"), &g, &w, tol::LOGPS_F32);
-            println!(
-                "{what}: {} sequences, log-prob max abs err {:.3e}, max rel err {:.3e}",
-                g.len(),
-                r.max_abs,
-                r.max_rel
-            );
         }
     }
 }

@@ -256,22 +256,57 @@ fn cpu_padding_free_trajectory_matches_pytorch() {
     trajectory_parity_with::<CpuBackend>(&Default::default(), "cpu padding-free", args);
 }
 
-/// Padding-free log-probs and their parameter gradients against the padded layout (checked
-/// against transformers in parity.rs): 7 sequences of different lengths (one with an empty
-/// prompt) from seeded random ids, packed into rows of at most the longest (28 tokens), several
-/// per row.
-fn padding_free_matches_padded<B: KernelBackend>(
+/// Every way a batch's sequences can go through the model gives the padded, dense-head batch's
+/// per-sequence log-probs and every parameter's gradient (the dense path is checked against
+/// transformers in parity.rs): padding-free packing (`padding_free`) and the fused LM head
+/// (`lm_head_impl: fused`, with the automatic block and with 5-position blocks, so a sequence's
+/// positions straddle blocks), alone and together, on an untied model (the embedded one) and a
+/// tied one (`llama-tied`: the head weight is the embedding, whose gradient then has two
+/// sources). 7 sequences of different lengths (one with an empty prompt) from seeded random ids,
+/// packed into rows of at most the longest (28 tokens), several per row.
+fn layouts_match_padded_dense<B: KernelBackend>(
     device: &B::Device,
     label: &str,
     logp_tol: wrpo_tests::Tol,
     grad_tol: wrpo_tests::Tol,
 ) {
+    use wrpo_engine_core::model::ModelSource;
+    let (untied, untied_cfg) = wrpo_engine_core::embedded::model::<B>(device);
+    layouts_match::<B>(
+        device,
+        &format!("{label} untied"),
+        untied,
+        untied_cfg,
+        logp_tol,
+        grad_tol,
+    );
+    let (tied, tied_cfg) = ModelSource::Dir(fixtures().join("llama-tied"))
+        .load::<B>(device)
+        .expect("llama-tied fixture");
+    assert!(tied_cfg.tie_word_embeddings);
+    layouts_match::<B>(
+        device,
+        &format!("{label} tied"),
+        tied,
+        tied_cfg,
+        logp_tol,
+        grad_tol,
+    );
+}
+
+fn layouts_match<B: KernelBackend>(
+    device: &B::Device,
+    label: &str,
+    model: wrpo_models::Llama<B>,
+    cfg: wrpo_models::LlamaConfig,
+    logp_tol: wrpo_tests::Tol,
+    grad_tol: wrpo_tests::Tol,
+) {
     use burn::backend::Autodiff;
     use burn::tensor::{Tensor, TensorData};
-    use wrpo_engine_core::logps::pack_bfd;
+    use wrpo_engine_core::logps::{pack_bfd, Head, HeadImpl};
     use wrpo_engine_core::train::optim::Flat;
     use wrpo_engine_core::train::step::{sequence_logps, Layout};
-    let (model, cfg) = wrpo_engine_core::embedded::model::<B>(device);
     let params = Flat::of_model(&model);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -305,46 +340,65 @@ fn padding_free_matches_padded<B: KernelBackend>(
     );
     // Weights make every sequence's gradient count differently.
     let w: Vec<f32> = (0..seqs.len()).map(|i| 1.0 + i as f32 * 0.5).collect();
-    let run = |packed: bool| {
+    let run = |layout: Layout| {
         let m = params.leaf_model(&cfg);
-        let sums = sequence_logps(&m, &cfg, &seqs, Layout { pad: 0, packed }, device);
+        let sums = sequence_logps(&m, &cfg, &seqs, layout, device);
         let wt = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(w.clone(), [w.len()]), device);
         let grads = (sums.clone() * wt).sum().backward();
         let g = Tensor::cat(params.grads_of(&m, &grads), 0);
         let f64s = |d: burn::tensor::TensorData| d.convert::<f64>().to_vec::<f64>().unwrap();
         (f64s(sums.inner().into_data()), f64s(g.into_data()))
     };
-    let (padded, g_padded) = run(false);
-    let (packed, g_packed) = run(true);
-    let rep = assert_close(
-        &format!("{label} packed log-probs"),
-        &packed,
-        &padded,
-        logp_tol,
-    );
-    println!(
-        "{label}: log-probs max abs {:.2e} max rel {:.2e}",
-        rep.max_abs, rep.max_rel
-    );
+    let layout = |packed: bool, head: Head| Layout {
+        pad: 0,
+        packed,
+        head,
+    };
+    let fused = |chunk: usize| Head {
+        imp: HeadImpl::Fused,
+        chunk,
+    };
+    let (padded, g_padded) = run(layout(false, Head::DENSE));
     // Gradients in units of the largest one: an element is a sum over every scored position
     // with cancellations, so its rounding error scales with the largest terms, not with itself.
     let scale = g_padded.iter().fold(0f64, |m, g| m.max(g.abs()));
     let unit = |g: &[f64]| g.iter().map(|x| x / scale).collect::<Vec<f64>>();
-    let rep = assert_close(
-        &format!("{label} packed gradients / max |gradient| ({scale:.3e})"),
-        &unit(&g_packed),
-        &unit(&g_padded),
-        grad_tol,
-    );
-    println!(
-        "{label}: gradients / max |gradient| ({scale:.3e}): max abs {:.2e}",
-        rep.max_abs
-    );
+    for (what, l) in [
+        ("packed, dense head", layout(true, Head::DENSE)),
+        ("padded, fused head (auto block)", layout(false, fused(0))),
+        (
+            "padded, fused head (5-position blocks)",
+            layout(false, fused(5)),
+        ),
+        (
+            "packed, fused head (5-position blocks)",
+            layout(true, fused(5)),
+        ),
+    ] {
+        let (got, g_got) = run(l);
+        let rep = assert_close(
+            &format!("{label} {what}: log-probs"),
+            &got,
+            &padded,
+            logp_tol,
+        );
+        let grep = assert_close(
+            &format!("{label} {what}: gradients / max |gradient| ({scale:.3e})"),
+            &unit(&g_got),
+            &unit(&g_padded),
+            grad_tol,
+        );
+        println!(
+            "{label} {what} vs padded dense: log-probs max abs {:.2e} max rel {:.2e}; \
+             gradients / max |gradient| ({scale:.3e}): max abs {:.2e}",
+            rep.max_abs, rep.max_rel, grep.max_abs
+        );
+    }
 }
 
 #[test]
-fn cpu_padding_free_logps_and_gradients_match_padded() {
-    padding_free_matches_padded::<CpuBackend>(
+fn cpu_padding_free_and_fused_head_match_padded_dense() {
+    layouts_match_padded_dense::<CpuBackend>(
         &Default::default(),
         "cpu",
         tol::LOGPS_F32,
@@ -353,8 +407,8 @@ fn cpu_padding_free_logps_and_gradients_match_padded() {
 }
 
 #[test]
-fn wgpu_padding_free_logps_and_gradients_match_padded() {
-    padding_free_matches_padded::<WgpuBackend>(
+fn wgpu_padding_free_and_fused_head_match_padded_dense() {
+    layouts_match_padded_dense::<WgpuBackend>(
         &wgpu_device(),
         "wgpu",
         tol::LOGPS_F32,
@@ -500,6 +554,7 @@ fn cpu_precomputed_reference_matches_on_the_fly() {
         max_length: Some(1024),
         max_prompt_length: Some(512),
         skip_bad_rows: false,
+        head: Default::default(),
     };
     let lp = wrpo_engine_core::logps::run_logps::<CpuBackend>(
         &logps_job,

@@ -174,6 +174,24 @@ train_config! {
     /// of one row per sequence padded to the longest. Same log-probs up to f32 rounding.
     #[arg(value_name = "BOOL")]
     padding_free: bool = false;
+    /// From the final hidden states to log-probs: `fused` (only completion positions go through
+    /// the LM head, a block at a time, fused with the log-probs: the `[N, T, V]` logits are never
+    /// built) or `dense` (the full logits, then the log-probs: the reference).
+    #[arg(value_enum)]
+    lm_head_impl: crate::logps::HeadImpl = crate::logps::HeadImpl::Fused;
+    /// Positions per block of the fused LM head (0 = automatic: about 16M logits per block, 130
+    /// positions at a 128k vocabulary).
+    lm_head_chunk: usize = 0;
+}
+
+impl TrainConfig {
+    /// The LM-head path these settings choose.
+    pub fn head(&self) -> crate::logps::Head {
+        crate::logps::Head {
+            imp: self.lm_head_impl,
+            chunk: self.lm_head_chunk,
+        }
+    }
 }
 
 impl TrainConfig {

@@ -261,6 +261,7 @@ pub fn run_train_peer<B: KernelBackend>(
         layout: Layout {
             pad,
             packed: cfg.padding_free,
+            head: cfg.head(),
         },
         device,
         alpha: 0.0,
@@ -449,6 +450,7 @@ fn build_reference<B: KernelBackend>(
                 &ref_source.config()?,
                 eval,
                 pad,
+                cfg.head(),
                 device,
                 cfg.per_device_train_batch_size,
             ))
@@ -482,6 +484,7 @@ fn build_reference<B: KernelBackend>(
                 &model_cfg,
                 split,
                 pad,
+                cfg.head(),
                 device,
                 batch,
             )?;
@@ -512,6 +515,7 @@ fn build_reference<B: KernelBackend>(
                     &model_cfg,
                     split,
                     pad,
+                    cfg.head(),
                     device,
                     cfg.per_device_train_batch_size,
                 );

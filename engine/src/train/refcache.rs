@@ -17,7 +17,7 @@ use wrpo_kernels::KernelBackend;
 use wrpo_models::{Llama, LlamaConfig};
 
 use crate::data::Encoded;
-use crate::logps::{rows_logps, RowLogps};
+use crate::logps::{rows_logps, Head, RowLogps};
 use crate::model::ModelSource;
 
 /// Cache key of `rows` scored by `source`.
@@ -64,17 +64,18 @@ pub fn key(source: &ModelSource, rows: &[Encoded]) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Score `rows` with `model` in groups of `batch` rows.
+/// Score `rows` with `model` in groups of `batch` rows, through `head`.
 pub fn compute<B: KernelBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     rows: &[Encoded],
     pad: u32,
+    head: Head,
     device: &B::Device,
     batch: usize,
 ) -> Vec<RowLogps> {
     rows.chunks(batch.max(1))
-        .flat_map(|c| rows_logps(model, cfg, c, pad, device))
+        .flat_map(|c| rows_logps(model, cfg, c, pad, head, device))
         .collect()
 }
 
@@ -89,6 +90,7 @@ pub fn compute_shared<B: KernelBackend>(
     cfg: &LlamaConfig,
     rows: &[Encoded],
     pad: u32,
+    head: Head,
     device: &B::Device,
     batch: usize,
 ) -> Result<Vec<RowLogps>> {
@@ -106,7 +108,7 @@ pub fn compute_shared<B: KernelBackend>(
         Some(t) => mine.iter().map(|&i| t[i].clone()).collect(),
         None => {
             let sub: Vec<Encoded> = mine.iter().map(|&i| rows[i].clone()).collect();
-            compute(model, cfg, &sub, pad, device, batch)
+            compute(model, cfg, &sub, pad, head, device, batch)
         }
     };
     let mut flat = vec![0f32; rows.len() * width];

@@ -5,7 +5,7 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use wrpo_kernels::logprobs::{token_logprobs, LogProbBackend};
+use wrpo_kernels::logprobs::token_logprobs;
 use wrpo_kernels::loss::{preference_loss_fused, LossConfig, PreferenceInputs};
 use wrpo_kernels::KernelBackend;
 use wrpo_models::{Llama, LlamaConfig};
@@ -13,7 +13,9 @@ use wrpo_models::{Llama, LlamaConfig};
 use super::metrics::RowStats;
 use super::optim::Flat;
 use crate::data::Encoded;
-use crate::logps::{batch_logps, make_batch, make_packed_batch, pack_bfd, RowLogps};
+use crate::logps::{
+    batch_logps, fused_sums, make_batch, make_packed_batch, pack_bfd, Head, HeadImpl, RowLogps,
+};
 
 /// Where reference log-probs come from.
 pub enum Reference<B: Backend> {
@@ -49,13 +51,15 @@ pub struct Layout {
     /// never longer and never more than the padded batch's, so the (dense-mask) attention never
     /// costs more; short sequences share rows.
     pub packed: bool,
+    /// From hidden states to log-probs: the fused head (default) or the dense logits.
+    pub head: Head,
 }
 
 /// Summed completion log-probs of each of `seqs` under `model`, in either layout.
 ///
 /// # Shapes
 /// - returns `[N]`, N = `seqs.len()`
-pub fn sequence_logps<B: LogProbBackend>(
+pub fn sequence_logps<B: KernelBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     seqs: &[(&[u32], &[u32])],
@@ -63,7 +67,8 @@ pub fn sequence_logps<B: LogProbBackend>(
     device: &B::Device,
 ) -> Tensor<B, 1> {
     if !layout.packed {
-        return batch_logps(model, cfg, make_batch::<B>(seqs, layout.pad, device)).0;
+        let batch = make_batch::<B>(seqs, layout.pad, device);
+        return batch_logps(model, cfg, batch, layout.head).0;
     }
     let lens: Vec<usize> = seqs.iter().map(|(p, c)| p.len() + c.len()).collect();
     let bins = pack_bfd(&lens, lens.iter().copied().max().unwrap_or(1));
@@ -71,13 +76,25 @@ pub fn sequence_logps<B: LogProbBackend>(
         .iter()
         .map(|b| b.iter().map(|&i| seqs[i]).collect())
         .collect();
-    let packed = make_packed_batch::<B>(&rows, layout.pad, device);
+    let mut packed = make_packed_batch::<B>(&rows, layout.pad, device);
     let [r, t] = packed.input_ids.dims();
-    let logits = model.forward_packed(cfg, packed.input_ids, &packed.segments, &packed.positions);
-    let tokens = token_logprobs(logits, packed.labels); // [R, T], 0 where not scored
-                                                        // Segment sums as one matmul with a 0/1 [R·T, N] matrix: token (row, t) of segment s
-                                                        // belongs to sequence bins[row][s − 1]; padding (segment 0) to none.
     let n = seqs.len();
+    let hidden =
+        model
+            .model
+            .forward_packed(cfg, packed.input_ids, &packed.segments, &packed.positions);
+    if layout.head.imp == HeadImpl::Fused {
+        // The packed batch names sequences by their ordinal in packing order (`bins.concat()`).
+        let order = bins.concat();
+        let owner = std::mem::take(&mut packed.scored.owner);
+        packed.scored.owner = owner.iter().map(|&o| order[o as usize] as i64).collect();
+        if let Some(sums) = fused_sums(model, hidden.clone(), &packed.scored, n, layout.head) {
+            return sums;
+        }
+    }
+    let tokens = token_logprobs(model.head(hidden), packed.labels); // [R, T], 0 where not scored
+                                                                    // Segment sums as one matmul with a 0/1 [R·T, N] matrix: token (row, t) of segment s
+                                                                    // belongs to sequence bins[row][s − 1]; padding (segment 0) to none.
     let mut onehot = vec![0f32; r * t * n];
     for (i, &seg) in packed.segments.iter().enumerate() {
         if seg > 0 {
