@@ -68,14 +68,14 @@ pub fn backward<B: LogProbBackend>(
     want_hidden: bool,
     want_weight: bool,
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
+    if !(want_hidden || want_weight) {
+        return (None, None);
+    }
     let [m, _h] = hidden.dims();
     let [v, _] = weight.dims();
     let weight_t = weight.clone().transpose();
     let mut dhidden = Vec::new();
     let mut dweight: Option<Tensor<B, 2>> = None;
-    if !(want_hidden || want_weight) {
-        return (None, None);
-    }
     for (start, len) in blocks(m, chunk) {
         let z = block_logits(&hidden, &weight_t, start, len);
         let part = |x: &Tensor<B, 1>| x.clone().narrow(0, start, len).reshape([1, len]);
