@@ -10,13 +10,15 @@
 //! whole logits, then the composite log-probs) differentiated by Burn's autodiff on the same
 //! backend. Shapes are ugly on purpose: positions not a multiple of the block, one position per
 //! block, ignored labels present, odd hidden and vocabulary sizes, a 128k vocabulary. Inputs are
-//! fresh per run (seed printed; `WRPO_TEST_SEED` replays).
+//! fresh per run (seed printed; `WRPO_TEST_SEED` replays). Log-probs use the fp32 table; the
+//! gradients, sums over the vocabulary or the positions, use `SCALED_SUM_F32` (in units of the
+//! tensor's largest value; its reason is in `test_util`).
 
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::*;
-use crate::test_util::{base_seed, check, host, to_f64, Errors, Rng, FP32};
+use crate::test_util::{base_seed, check, host, to_f64, Errors, Rng, Tol, FP32, SCALED_SUM_F32};
 use crate::IGNORE_INDEX;
 
 /// One test shape.
@@ -120,6 +122,30 @@ fn expected(c: Case, inp: &Inputs) -> Expected {
     }
 }
 
+/// [`check`] of a gradient under [`SCALED_SUM_F32`]: the tolerance is in units of `want`'s largest
+/// |value|; the returned `max_abs` is in those units too.
+fn check_grad(what: &str, got: &[f32], want: &[f64], dims: &[usize]) -> Errors {
+    let scale = want
+        .iter()
+        .fold(0f64, |m, w| m.max(w.abs()))
+        .max(f64::MIN_POSITIVE);
+    let tol = Tol {
+        atol: SCALED_SUM_F32.atol * scale,
+        rtol: 0.0,
+    };
+    let e = check(
+        &format!("{what} (max |want| {scale:.3e})"),
+        got,
+        want,
+        dims,
+        tol,
+    );
+    Errors {
+        max_abs: e.max_abs / scale,
+        max_rel: e.max_rel,
+    }
+}
+
 fn tensors<B: Backend>(
     c: Case,
     inp: &Inputs,
@@ -188,41 +214,17 @@ fn parity<B: HeadLogProbBackend>(backend: &str, device: &B::Device, c: Case, sal
         &[m],
         FP32,
     );
-    let e_dh = check(&tag("dhidden vs f64"), &f_dh, &want.dhidden, &[m, h], FP32);
-    let e_dw = check(&tag("dweight vs f64"), &f_dw, &want.dweight, &[v, h], FP32);
+    let e_dh = check_grad(&tag("dhidden vs f64"), &f_dh, &want.dhidden, &[m, h]);
+    let e_dw = check_grad(&tag("dweight vs f64"), &f_dw, &want.dweight, &[v, h]);
     let d_logp_e = check(&tag("logp vs dense"), &f_logp, &to_f64(&d_logp), &[m], FP32);
-    let d_dh_e = check(
-        &tag("dhidden vs dense"),
-        &f_dh,
-        &to_f64(&d_dh),
-        &[m, h],
-        FP32,
-    );
-    let d_dw_e = check(
-        &tag("dweight vs dense"),
-        &f_dw,
-        &to_f64(&d_dw),
-        &[v, h],
-        FP32,
-    );
+    let d_dh_e = check_grad(&tag("dhidden vs dense"), &f_dh, &to_f64(&d_dh), &[m, h]);
+    let d_dw_e = check_grad(&tag("dweight vs dense"), &f_dw, &to_f64(&d_dw), &[v, h]);
     // The oracle must agree with f64 too (a broken oracle would hide a broken op).
-    let o_dh = check(
-        &tag("dense dhidden vs f64"),
-        &d_dh,
-        &want.dhidden,
-        &[m, h],
-        FP32,
-    );
-    let o_dw = check(
-        &tag("dense dweight vs f64"),
-        &d_dw,
-        &want.dweight,
-        &[v, h],
-        FP32,
-    );
+    let o_dh = check_grad(&tag("dense dhidden vs f64"), &d_dh, &want.dhidden, &[m, h]);
+    let o_dw = check_grad(&tag("dense dweight vs f64"), &d_dw, &want.dweight, &[v, h]);
     let abs = |e: Errors| e.max_abs;
     println!(
-        "[{name}] max abs err — vs f64: logp {:.2e}, lse {:.2e}, autodiff logp {:.2e}, dhidden {:.2e}, dweight {:.2e}; \
+        "[{name}] max abs err (gradients in units of their largest |value|) — vs f64: logp {:.2e}, lse {:.2e}, autodiff logp {:.2e}, dhidden {:.2e}, dweight {:.2e}; \
          vs dense: logp {:.2e}, dhidden {:.2e}, dweight {:.2e}; dense vs f64: dhidden {:.2e}, dweight {:.2e}",
         abs(e_logp),
         abs(e_lse),
@@ -255,12 +257,11 @@ fn frozen_weight<B: HeadLogProbBackend>(backend: &str, device: &B::Device, salt:
         "a frozen head gets no gradient"
     );
     let dh = host(hidden.grad(&grads).expect("dhidden"));
-    let e = check(
+    let e = check_grad(
         &format!("[{backend} frozen head seed {seed}] dhidden vs f64"),
         &dh,
         &want.dhidden,
         &[c.m, c.h],
-        FP32,
     );
     println!(
         "[{backend} frozen head] max abs err dhidden {:.2e}",
