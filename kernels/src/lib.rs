@@ -11,8 +11,10 @@
 //! - `V`: vocabulary size
 //! - `M`: scored positions of a batch, gathered (the fused head's rows)
 //! - `H`: hidden size
+//! - `NH`, `NKV`, `HD`: attention heads, key/value heads, head dimension
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod head;
 pub mod logprobs;
 pub mod loss;
@@ -23,17 +25,24 @@ mod test_util;
 /// `CrossEntropyLoss(ignore_index=-100)` and TRL's `label_pad_token_id`.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Every op the trainer runs through a backend extension: the token log-probs
-/// ([`logprobs::LogProbBackend`]), the LM head fused with them ([`head::HeadLogProbBackend`]) and
-/// the preference loss ([`loss::LossBackend`]). Implemented for
+/// Every op the trainer runs through a backend extension: the training attention
+/// ([`attention::AttentionBackend`]), the token log-probs ([`logprobs::LogProbBackend`]), the LM
+/// head fused with them ([`head::HeadLogProbBackend`]) and the preference loss
+/// ([`loss::LossBackend`]). Implemented for
 /// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on NdArray, and
 /// `Autodiff` of either).
 pub trait KernelBackend:
-    logprobs::LogProbBackend + head::HeadLogProbBackend + loss::LossBackend
+    attention::AttentionBackend
+    + logprobs::LogProbBackend
+    + head::HeadLogProbBackend
+    + loss::LossBackend
 {
 }
 
-impl<B: logprobs::LogProbBackend + head::HeadLogProbBackend + loss::LossBackend> KernelBackend
-    for B
+impl<B> KernelBackend for B where
+    B: attention::AttentionBackend
+        + logprobs::LogProbBackend
+        + head::HeadLogProbBackend
+        + loss::LossBackend
 {
 }

@@ -144,3 +144,27 @@ pub(crate) fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
         .to_vec()
         .expect("f32 tensor data")
 }
+
+/// [`check`] of a gradient under [`SCALED_SUM_F32`]: the tolerance is in units of `want`'s largest
+/// |value|; the returned `max_abs` is in those units too.
+pub(crate) fn check_grad(what: &str, got: &[f32], want: &[f64], dims: &[usize]) -> Errors {
+    let scale = want
+        .iter()
+        .fold(0f64, |m, w| m.max(w.abs()))
+        .max(f64::MIN_POSITIVE);
+    let tol = Tol {
+        atol: SCALED_SUM_F32.atol * scale,
+        rtol: 0.0,
+    };
+    let e = check(
+        &format!("{what} (max |want| {scale:.3e})"),
+        got,
+        want,
+        dims,
+        tol,
+    );
+    Errors {
+        max_abs: e.max_abs / scale,
+        max_rel: e.max_rel,
+    }
+}

@@ -18,7 +18,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::*;
-use crate::test_util::{base_seed, check, host, to_f64, Errors, Rng, Tol, FP32, SCALED_SUM_F32};
+use crate::test_util::{base_seed, check, check_grad, host, to_f64, Errors, Rng, FP32};
 use crate::IGNORE_INDEX;
 
 /// One test shape.
@@ -119,30 +119,6 @@ fn expected(c: Case, inp: &Inputs) -> Expected {
         lse,
         dhidden,
         dweight,
-    }
-}
-
-/// [`check`] of a gradient under [`SCALED_SUM_F32`]: the tolerance is in units of `want`'s largest
-/// |value|; the returned `max_abs` is in those units too.
-fn check_grad(what: &str, got: &[f32], want: &[f64], dims: &[usize]) -> Errors {
-    let scale = want
-        .iter()
-        .fold(0f64, |m, w| m.max(w.abs()))
-        .max(f64::MIN_POSITIVE);
-    let tol = Tol {
-        atol: SCALED_SUM_F32.atol * scale,
-        rtol: 0.0,
-    };
-    let e = check(
-        &format!("{what} (max |want| {scale:.3e})"),
-        got,
-        want,
-        dims,
-        tol,
-    );
-    Errors {
-        max_abs: e.max_abs / scale,
-        max_rel: e.max_rel,
     }
 }
 
