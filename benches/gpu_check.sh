@@ -36,11 +36,13 @@ rm -f "$out/failed"
   timeout 200 "$engine" bench kernels --backend cuda --warmup 2 --reps 10 --json \
     --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 \
     | tee "$out/bench_cuda.jsonl" || echo "benchmarks failed" >> "$out/failed"
-  echo "== one WRPO update of a 1B-class LLaMA at T 2048, fused vs dense LM head (peak = pool reservation)"
-  for head in fused dense; do
-    timeout 120 "$engine" bench step --backend cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \
-      --intermediate 8192 --vocab 128256 --batch 1 --seq 2048 --steps 2 --warmup 1 --lm-head-impl $head --json \
-      | tee -a "$out/bench_step_cuda.jsonl" || echo "bench step ($head) failed" >> "$out/failed"
+  echo "== one WRPO update of a 1B-class LLaMA at T 2048: fused vs dense LM head, tiled vs dense attention, checkpointing (peak = pool reservation)"
+  for cfg in "fused tiled false" "dense tiled false" "fused dense false" "fused tiled true"; do
+    set -- $cfg
+    timeout 150 "$engine" bench step --backend cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \
+      --intermediate 8192 --vocab 128256 --batch 1 --seq 2048 --steps 2 --warmup 1 --lm-head-impl $1 \
+      --attn-implementation $2 --gradient-checkpointing $3 --json \
+      | tee -a "$out/bench_step_cuda.jsonl" || echo "bench step ($cfg) failed" >> "$out/failed"
   done
 } 2>&1 | tee "$out/gpu_check.txt"
 if [ -f "$out/failed" ]; then

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use wrpo_engine_core::backend::{select, BackendChoice, Selected};
 use wrpo_engine_core::dispatch;
 use wrpo_engine_core::logps::{run_logps, Head, HeadImpl, LogpsJob};
-use wrpo_engine_core::model::ModelSource;
+use wrpo_engine_core::model::{AttnImpl, ModelSource};
 
 mod build_dataset;
 mod plot;
@@ -122,6 +122,15 @@ struct BenchStepArgs {
     /// Positions per block of the fused head (0 = automatic).
     #[arg(long, default_value_t = 0)]
     lm_head_chunk: usize,
+    /// `tiled` (the default) or `dense` attention (see `train --attn-implementation`).
+    #[arg(long, value_enum, default_value_t = AttnImpl::Tiled)]
+    attn_implementation: AttnImpl,
+    /// Queries per block of the tiled attention.
+    #[arg(long, default_value_t = 128)]
+    attention_block: usize,
+    /// Layer checkpointing (see `train --gradient-checkpointing`).
+    #[arg(long, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
+    gradient_checkpointing: bool,
     /// Timed updates (median reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -390,11 +399,15 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         !a.seq.is_empty() && a.seq.iter().all(|&t| t >= 4) && a.batch > 0 && a.vocab > 0,
         "--seq ≥ 4 (each length of the list), --batch ≥ 1, --vocab ≥ 1"
     );
+    anyhow::ensure!(
+        a.attention_block > 0,
+        "--attention-block must be at least 1"
+    );
     let print = |r: &StepRecord| {
         let mb = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
         println!(
-            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {} head {:?}: {:.1} ms/update, {:.0} policy tokens/s, peak {} (before the first update {})",
-            r.backend, a.hidden, a.layers, a.vocab, a.batch, r.shape.seq, r.lm_head_impl,
+            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {} head {:?} attention {} checkpointing {}: {:.1} ms/update, {:.0} policy tokens/s, peak {} (before the first update {})",
+            r.backend, a.hidden, a.layers, a.vocab, a.batch, r.shape.seq, r.lm_head_impl, r.attn_implementation, r.gradient_checkpointing,
             r.step_ms_median, r.tokens_per_second, mb(r.peak_mb), mb(r.base_mb)
         );
     };
@@ -460,7 +473,7 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         imp: a.lm_head_impl,
         chunk: a.lm_head_chunk,
     };
-    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.steps, a.warmup, a.seed));
+    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, a.steps, a.warmup, a.seed));
     if a.json {
         println!("{}", serde_json::to_string(&r).expect("serialisable"));
     } else {

@@ -301,6 +301,12 @@ pub struct StepRecord {
     pub base_mb: Option<f64>,
     /// The LM-head path (`fused` or `dense`).
     pub lm_head_impl: crate::logps::HeadImpl,
+    /// The attention (`tiled, block N` or `dense`).
+    #[serde(default)]
+    pub attn_implementation: String,
+    /// Layer checkpointing on.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), bytes.
@@ -321,13 +327,16 @@ fn proc_status_kb(key: &str) -> Option<u64> {
 
 /// Time full WRPO updates (policy forward + reference forward + loss + backward + global clipping +
 /// AdamW) of a random LLaMA on random tokens: `warmup` untimed, then `steps` timed; the LM head
-/// through `head` (fused or dense).
+/// through `head` (fused or dense), the attention `attn` (tiled or dense), layer checkpointing
+/// when `checkpoint`.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     device: &B::Device,
     backend: &str,
     shape: StepShape,
     head: crate::logps::Head,
+    attn: wrpo_kernels::attention::AttentionImpl,
+    checkpoint: bool,
     steps: usize,
     warmup: usize,
     seed: u64,
@@ -347,6 +356,8 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         shape.kv_heads,
         false,
     );
+    let mut cfg = cfg;
+    cfg.attn_implementation = attn;
     let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
     let mut params = Flat::of_model(&model);
     let reference = Reference::Model(Box::new(model), Box::new(cfg.clone()));
@@ -399,6 +410,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
                 pad: 0,
                 packed: false,
                 head,
+                checkpoint,
             },
             1.0,
             device,
@@ -426,6 +438,13 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         peak_mb: peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         base_mb: base.map(|b| b as f64 / (1024.0 * 1024.0)),
         lm_head_impl: head.imp,
+        attn_implementation: match attn {
+            wrpo_kernels::attention::AttentionImpl::Tiled { block } => {
+                format!("tiled, block {block}")
+            }
+            wrpo_kernels::attention::AttentionImpl::Dense => "dense".to_string(),
+        },
+        gradient_checkpointing: checkpoint,
     }
 }
 

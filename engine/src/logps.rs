@@ -271,7 +271,7 @@ pub fn pack_bfd(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
 ///
 /// # Shapes
 /// - returns (`[N]`, `[N]`)
-pub fn batch_logps<B: HeadLogProbBackend>(
+pub fn batch_logps<B: wrpo_kernels::KernelBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     batch: Batch<B>,
@@ -309,7 +309,7 @@ pub struct RowLogps {
 }
 
 /// Log-probs for a group of rows, all their sequences in one forward.
-pub fn rows_logps<B: HeadLogProbBackend>(
+pub fn rows_logps<B: wrpo_kernels::KernelBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     rows: &[Encoded],
@@ -378,7 +378,7 @@ pub struct LogpsOutput {
 
 /// Run `logps`: load tokenizer, data and model, then score every row. `progress(done, total)` is
 /// called after each batch.
-pub fn run_logps<B: HeadLogProbBackend>(
+pub fn run_logps<B: wrpo_kernels::KernelBackend>(
     job: &LogpsJob,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),

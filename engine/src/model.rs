@@ -5,10 +5,35 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+use wrpo_kernels::attention::AttentionImpl;
 use wrpo_models::{checkpoint::load_config, load_hf, Llama, LlamaConfig};
 
 use crate::embedded;
 use crate::tokenizer::TextTokenizer;
+
+/// Which attention the training forward runs (`attn_implementation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttnImpl {
+    /// A block of queries at a time ([`wrpo_kernels::attention`]), memory linear in `T`.
+    #[default]
+    Tiled,
+    /// The full `[B, NH, T, T]` scores: the tested reference.
+    Dense,
+}
+
+impl AttnImpl {
+    /// The kernels' setting, with `block` queries per tile for [`AttnImpl::Tiled`].
+    pub fn with_block(self, block: usize) -> AttentionImpl {
+        match self {
+            AttnImpl::Tiled => AttentionImpl::Tiled {
+                block: block.max(1),
+            },
+            AttnImpl::Dense => AttentionImpl::Dense,
+        }
+    }
+}
 
 /// A model folder or the embedded default.
 #[derive(Debug, Clone)]

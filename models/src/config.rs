@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use wrpo_kernels::attention::AttentionImpl;
 
 /// Fields of a transformers `LlamaConfig` that the forward needs. Unknown keys are kept in the raw
 /// JSON (see [`LlamaConfig::raw`]) and written back on save.
@@ -101,6 +102,9 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// The `config.json` as read (or as built), written back on save.
     pub raw: Value,
+    /// Which attention the full-sequence forward runs (a run setting, not part of
+    /// `config.json`; like transformers' `config._attn_implementation`). Default: tiled.
+    pub attn_implementation: AttentionImpl,
 }
 
 impl LlamaConfig {
@@ -171,6 +175,7 @@ impl LlamaConfig {
             max_position_embeddings: hf.max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings,
             raw,
+            attn_implementation: AttentionImpl::default(),
         })
     }
 

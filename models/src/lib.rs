@@ -21,5 +21,5 @@ pub mod rope;
 pub use checkpoint::{load_hf, save_hf, ModelError};
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind};
 pub use generate::KvCache;
-pub use llama::{Llama, ParamRef};
+pub use llama::{LayerInputs, Llama, ParamRef};
 pub use reward::{load_reward_hf, LlamaReward, RewardConfig};

@@ -11,6 +11,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use wrpo_kernels::attention::{repeat_kv, AttentionBackend, AttentionImpl};
+
 use crate::config::LlamaConfig;
 use crate::rope;
 
@@ -67,21 +69,6 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// # Shapes
-    /// - `x`: `[B, T, H]`; `mask`: `[B, 1, T, T]` (true = not attended); `cos`, `sin`: `[T, HD]`
-    /// - returns `[B, T, H]`
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        mask: Tensor<B, 4, Bool>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-    ) -> Tensor<B, 3> {
-        let (cos, sin) = (cos.clone().unsqueeze::<4>(), sin.clone().unsqueeze::<4>());
-        let (q, k, v) = self.project(x, &cos, &sin);
-        self.attend(q, k, v, mask)
-    }
-
     /// Queries, keys and values with RoPE applied to queries and keys.
     ///
     /// # Shapes
@@ -127,15 +114,26 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// `[B, NKV, T, HD]` → `[B, NKV·n, T, HD]`, each kv head repeated `n` times (transformers `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
-    if n == 1 {
-        return x;
+impl<B: AttentionBackend> Attention<B> {
+    /// Causal self-attention masked by segment ids ([`wrpo_kernels::attention`]: key `j` is
+    /// visible to query `i` when `j ≤ i` and `k_seg[j] == q_seg[i]`), then the output projection.
+    /// `imp` picks the tiled op (memory linear in `T`) or the dense reference.
+    ///
+    /// # Shapes
+    /// - `q`: `[B, NH, T, HD]`; `k`, `v`: `[B, NKV, T, HD]`; `q_seg`, `k_seg`: `[B, T]`
+    /// - returns `[B, T, H]`
+    pub fn attend_segments(
+        &self,
+        (q, k, v): (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>),
+        q_seg: Tensor<B, 2, Int>,
+        k_seg: Tensor<B, 2, Int>,
+        imp: AttentionImpl,
+    ) -> Tensor<B, 3> {
+        let [b, nh, t, hd] = q.dims();
+        let out = imp.run(q, k, v, q_seg, k_seg); // [B,NH,T,HD]
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
-    let [b, nkv, t, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, nkv, n, t, hd])
-        .reshape([b, nkv * n, t, hd])
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
@@ -373,8 +371,102 @@ impl<B: Backend> LlamaModel<B> {
             norm,
         }
     }
+}
 
-    /// Final hidden states (after the last norm).
+/// What every decoder layer of one batch shares: the RoPE tables, the segment ids of the
+/// attention mask ([`wrpo_kernels::attention`]) and which attention runs.
+#[derive(Debug, Clone)]
+pub struct LayerInputs<B: Backend> {
+    /// `cos` of the RoPE angles, broadcastable to `[B, 1, T, HD]`.
+    pub cos: Tensor<B, 4>,
+    /// `sin` of the RoPE angles, as `cos`.
+    pub sin: Tensor<B, 4>,
+    /// Query segment ids, `[B, T]`.
+    pub q_seg: Tensor<B, 2, Int>,
+    /// Key segment ids, `[B, T]`.
+    pub k_seg: Tensor<B, 2, Int>,
+    /// Tiled or dense attention (`cfg.attn_implementation`).
+    pub attn: AttentionImpl,
+}
+
+impl<B: Backend> LayerInputs<B> {
+    /// Right-padded rows: positions `0..T`; padding keys masked (`q_seg = 1`, `k_seg = valid`),
+    /// as transformers' additive padding mask.
+    ///
+    /// # Shapes
+    /// - `valid`: `[B, T]` (true = real token)
+    pub fn padded(cfg: &LlamaConfig, valid: Tensor<B, 2, Bool>) -> Self {
+        let [b, t] = valid.dims();
+        let device = valid.device();
+        let (cos, sin) = rope::tables::<B>(cfg, t, &device);
+        LayerInputs {
+            cos: cos.unsqueeze::<4>(), // [1,1,T,HD]
+            sin: sin.unsqueeze::<4>(),
+            q_seg: Tensor::<B, 2, Int>::ones([b, t], &device),
+            k_seg: valid.int(),
+            attn: cfg.attn_implementation,
+        }
+    }
+
+    /// Packed rows: each example attends only to itself, positions restart at 0.
+    ///
+    /// # Shapes
+    /// - `segments`: `B·T` host ids, row-major (0 = padding, `1..` = the example a token belongs
+    ///   to); `positions`: `B·T` host positions within each example
+    pub fn packed(
+        cfg: &LlamaConfig,
+        [b, t]: [usize; 2],
+        segments: &[u32],
+        positions: &[usize],
+        device: &B::Device,
+    ) -> Self {
+        assert_eq!(segments.len(), b * t, "packed rows: B·T segment ids");
+        assert_eq!(positions.len(), b * t, "packed rows: B·T positions");
+        let seg: Vec<i64> = segments.iter().map(|&s| i64::from(s)).collect();
+        let seg = Tensor::<B, 2, Int>::from_data(TensorData::new(seg, [b, t]), device);
+        let (cos, sin) = rope::tables_at::<B>(cfg, positions, device);
+        let hd = cfg.head_dim;
+        LayerInputs {
+            cos: cos.reshape([b, 1, t, hd]),
+            sin: sin.reshape([b, 1, t, hd]),
+            q_seg: seg.clone(),
+            k_seg: seg,
+            attn: cfg.attn_implementation,
+        }
+    }
+}
+
+impl<B: AttentionBackend> DecoderLayer<B> {
+    /// One pre-norm layer: `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    ///
+    /// # Shapes
+    /// - `x`: `[B, T, H]`; returns `[B, T, H]`
+    pub fn forward(&self, x: Tensor<B, 3>, inputs: &LayerInputs<B>) -> Tensor<B, 3> {
+        let attn = &self.self_attn;
+        let qkv = attn.project(
+            self.input_layernorm.forward(x.clone()),
+            &inputs.cos,
+            &inputs.sin,
+        );
+        let x =
+            x + attn.attend_segments(qkv, inputs.q_seg.clone(), inputs.k_seg.clone(), inputs.attn);
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        x + h
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// The token embeddings. Shapes: `[B, T]` → `[B, T, H]`.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.embed_tokens.val(), input_ids)
+    }
+}
+
+impl<B: AttentionBackend> LlamaModel<B> {
+    /// Final hidden states (after the last norm) of right-padded rows
+    /// ([`LayerInputs::padded`]).
     ///
     /// # Shapes
     /// - `input_ids`: `[B, T]`; `valid`: `[B, T]` (true = real token, right padding)
@@ -385,44 +477,16 @@ impl<B: Backend> LlamaModel<B> {
         input_ids: Tensor<B, 2, Int>,
         valid: Tensor<B, 2, Bool>,
     ) -> Tensor<B, 3> {
-        let [b, t] = input_ids.dims();
-        let device = input_ids.device();
-        let (cos, sin) = rope::tables::<B>(cfg, t, &device);
-        // Causal (key after query) or padded key → not attended.
-        // Built on the host: `causal[q][k] = k > q` (Burn's tri masks mark the kept part instead).
-        let causal: Vec<bool> = (0..t * t).map(|i| i % t > i / t).collect();
-        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [t, t]), &device)
-            .unsqueeze::<4>(); // [1,1,T,T]
-        let pad = valid.bool_not().reshape([b, 1, 1, t]); // [B,1,1,T]
-        let mask = causal
-            .expand([b, 1, t, t])
-            .bool_or(pad.expand([b, 1, t, t]));
-        let mut x = embedding(self.embed_tokens.val(), input_ids);
-        for layer in &self.layers {
-            let h = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                mask.clone(),
-                &cos,
-                &sin,
-            );
-            x = x + h;
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + h;
-        }
-        self.norm.forward(x)
+        self.forward_inputs(input_ids, &LayerInputs::padded(cfg, valid))
     }
-}
 
-impl<B: Backend> LlamaModel<B> {
     /// Final hidden states of *packed* rows: several examples share a row, each attending only to
-    /// itself (block-diagonal causal mask) with positions restarting at 0 (what transformers does
-    /// with `position_ids` and flash-attention's variable-length path).
+    /// itself (block-diagonal causal mask, from the segment ids on the device) with positions
+    /// restarting at 0 (what transformers does with `position_ids` and flash-attention's
+    /// variable-length path). See [`LayerInputs::packed`].
     ///
     /// # Shapes
-    /// - `input_ids`: `[B, T]`; `segments`: `B·T` host ids, row-major (0 = padding, `1..` = the
-    ///   example a token belongs to); `positions`: `B·T` host positions within each example
+    /// - `input_ids`: `[B, T]`; `segments`, `positions`: `B·T` host values, row-major
     /// - returns `[B, T, H]`
     pub fn forward_packed(
         &self,
@@ -431,31 +495,25 @@ impl<B: Backend> LlamaModel<B> {
         segments: &[u32],
         positions: &[usize],
     ) -> Tensor<B, 3> {
-        let [b, t] = input_ids.dims();
-        assert_eq!(segments.len(), b * t, "forward_packed: B·T segment ids");
-        assert_eq!(positions.len(), b * t, "forward_packed: B·T positions");
-        let device = input_ids.device();
-        // mask[b, 0, q, k]: key after query, or in another segment (padding is segment 0, so a
-        // padding query sees only padding keys and stays finite).
-        let mut mask = Vec::with_capacity(b * t * t);
-        for seg in segments.chunks(t) {
-            for q in 0..t {
-                mask.extend((0..t).map(|k| k > q || seg[k] != seg[q]));
-            }
-        }
-        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, t]), &device);
-        let (cos, sin) = rope::tables_at::<B>(cfg, positions, &device);
-        let hd = cfg.head_dim;
-        let (cos, sin) = (cos.reshape([b, 1, t, hd]), sin.reshape([b, 1, t, hd]));
-        let mut x = embedding(self.embed_tokens.val(), input_ids);
+        let inputs = LayerInputs::packed(
+            cfg,
+            input_ids.dims(),
+            segments,
+            positions,
+            &input_ids.device(),
+        );
+        self.forward_inputs(input_ids, &inputs)
+    }
+
+    /// Embeddings, every decoder layer, the final norm. Shapes: `[B, T]` → `[B, T, H]`.
+    pub fn forward_inputs(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        inputs: &LayerInputs<B>,
+    ) -> Tensor<B, 3> {
+        let mut x = self.embed(input_ids);
         for layer in &self.layers {
-            let attn = &layer.self_attn;
-            let (q, k, v) = attn.project(layer.input_layernorm.forward(x.clone()), &cos, &sin);
-            x = x + attn.attend(q, k, v, mask.clone());
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + h;
+            x = layer.forward(x, inputs);
         }
         self.norm.forward(x)
     }
@@ -516,20 +574,6 @@ impl<B: Backend> Llama<B> {
         v
     }
 
-    /// Final hidden states (after the last norm): [`LlamaModel::forward`].
-    ///
-    /// # Shapes
-    /// - `input_ids`: `[B, T]`; `valid`: `[B, T]` (true = real token, right padding)
-    /// - returns `[B, T, H]`
-    pub fn hidden(
-        &self,
-        cfg: &LlamaConfig,
-        input_ids: Tensor<B, 2, Int>,
-        valid: Tensor<B, 2, Bool>,
-    ) -> Tensor<B, 3> {
-        self.model.forward(cfg, input_ids, valid)
-    }
-
     /// The LM head's weight, `[V, H]`: `lm_head.weight`, or `model.embed_tokens.weight` when tied
     /// (the same parameter, so under autodiff both uses add into its one gradient).
     pub fn head_weight(&self) -> Tensor<B, 2> {
@@ -545,6 +589,22 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(hidden),
             None => linear(hidden, self.model.embed_tokens.val().transpose(), None),
         }
+    }
+}
+
+impl<B: AttentionBackend> Llama<B> {
+    /// Final hidden states (after the last norm): [`LlamaModel::forward`].
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, T]`; `valid`: `[B, T]` (true = real token, right padding)
+    /// - returns `[B, T, H]`
+    pub fn hidden(
+        &self,
+        cfg: &LlamaConfig,
+        input_ids: Tensor<B, 2, Int>,
+        valid: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        self.model.forward(cfg, input_ids, valid)
     }
 
     /// Logits of packed rows: [`LlamaModel::forward_packed`] then the head.

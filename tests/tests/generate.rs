@@ -121,7 +121,7 @@ fn greedy_parity<B: Backend>(device: &B::Device, label: &str) {
 
 /// Teacher-forced decoding of prompt + transformers' greedy output through the cache, against
 /// the full forward of the whole right-padded sequences.
-fn cache_vs_full<B: Backend>(device: &B::Device, label: &str) {
+fn cache_vs_full<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let dir = fixtures().join(name);
         let fx = read(&fixtures().join("generate").join(format!("{name}.json")));
@@ -214,7 +214,7 @@ fn cache_vs_full<B: Backend>(device: &B::Device, label: &str) {
     }
 }
 
-fn reward_parity<B: Backend>(device: &B::Device, label: &str) {
+fn reward_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
     let dir = fixtures().join("reward-llama");
     let fx = read(&dir.join("expected_scores.json"));
     let (model, cfg) = load_reward_hf::<B>(&dir, device).unwrap();

@@ -12,7 +12,6 @@ use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
 use wrpo_engine_core::data::{Dataset, EncodeOptions};
 use wrpo_engine_core::logps::{rows_logps, Head, HeadImpl};
 use wrpo_engine_core::tokenizer::TextTokenizer;
-use wrpo_kernels::head::HeadLogProbBackend;
 use wrpo_models::load_hf;
 use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
 
@@ -69,7 +68,7 @@ fn logits_fixture<B: Backend>(
     (model, cfg, fx)
 }
 
-fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
+fn logits_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let (model, cfg, fx) = logits_fixture::<B>(name, device);
         let (ids, mask, want) = (fx.ids, fx.mask, fx.logits);
@@ -110,7 +109,7 @@ fn logits_parity<B: Backend>(device: &B::Device, label: &str) {
 /// packed back to back — even-numbered ones in row 0, odd ones in row 1 — and each sequence's
 /// logits must equal transformers' logits of that sequence alone (block-diagonal mask, positions
 /// restarting at 0).
-fn packed_logits_parity<B: Backend>(device: &B::Device, label: &str) {
+fn packed_logits_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let (model, cfg, fx) = logits_fixture::<B>(name, device);
         let (ids, mask, want) = (fx.ids, fx.mask, fx.logits);
@@ -172,7 +171,7 @@ fn packed_logits_parity<B: Backend>(device: &B::Device, label: &str) {
     }
 }
 
-fn logps_parity<B: HeadLogProbBackend>(device: &B::Device, label: &str) {
+fn logps_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let dir = fixtures().join(name);
         let (model, cfg) = load_hf::<B>(&dir, device).unwrap();

@@ -256,11 +256,13 @@ fn cpu_padding_free_trajectory_matches_pytorch() {
     trajectory_parity_with::<CpuBackend>(&Default::default(), "cpu padding-free", args);
 }
 
-/// Every way a batch's sequences can go through the model gives the padded, dense-head batch's
-/// per-sequence log-probs and every parameter's gradient (the dense path is checked against
-/// transformers in parity.rs): padding-free packing (`padding_free`) and the fused LM head
-/// (`lm_head_impl: fused`, with the automatic block and with 5-position blocks, so a sequence's
-/// positions straddle blocks), alone and together, on an untied model (the embedded one) and a
+/// Every way a batch's sequences can go through the model gives the padded, dense-head,
+/// dense-attention batch's per-sequence log-probs and every parameter's gradient (the dense path
+/// is checked against transformers in parity.rs): padding-free packing (`padding_free`), the
+/// tiled attention (`attn_implementation: tiled`, default blocks and 5-query blocks, so sequences
+/// straddle blocks), the fused LM head (`lm_head_impl: fused`, with the automatic block and with
+/// 5-position blocks), and layer checkpointing (`gradient_checkpointing`), alone and together,
+/// on an untied model (the embedded one) and a
 /// tied one (`llama-tied`: the head weight is the embedding, whose gradient then has two
 /// sources). 7 sequences of different lengths (one with an empty prompt) from seeded random ids,
 /// packed into rows of at most the longest (28 tokens), several per row.
@@ -306,7 +308,9 @@ fn layouts_match<B: KernelBackend>(
     use burn::tensor::{Tensor, TensorData};
     use wrpo_engine_core::logps::{pack_bfd, Head, HeadImpl};
     use wrpo_engine_core::train::optim::Flat;
-    use wrpo_engine_core::train::step::{sequence_logps, Layout};
+    use wrpo_engine_core::train::recompute;
+    use wrpo_engine_core::train::step::{Layout, SeqBatch};
+    use wrpo_kernels::attention::AttentionImpl;
     let params = Flat::of_model(&model);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -340,42 +344,92 @@ fn layouts_match<B: KernelBackend>(
     );
     // Weights make every sequence's gradient count differently.
     let w: Vec<f32> = (0..seqs.len()).map(|i| 1.0 + i as f32 * 0.5).collect();
-    let run = |layout: Layout| {
+    let run = |layout: Layout, attn: AttentionImpl| {
+        let mut cfg = cfg.clone();
+        cfg.attn_implementation = attn;
         let m = params.leaf_model(&cfg);
-        let sums = sequence_logps(&m, &cfg, &seqs, layout, device);
+        let batch = SeqBatch::<Autodiff<B>>::new(&cfg, &seqs, layout, device);
         let wt = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(w.clone(), [w.len()]), device);
-        let grads = (sums.clone() * wt).sum().backward();
-        let g = Tensor::cat(params.grads_of(&m, &grads), 0);
+        let (g, sums) = recompute::backward(
+            &cfg,
+            &params,
+            &m,
+            batch.input_ids.clone(),
+            &batch.inputs,
+            layout.checkpoint,
+            |hidden| {
+                let sums = batch.sums(&m, hidden);
+                ((sums.clone() * wt).sum(), sums)
+            },
+        );
+        let g = Tensor::cat(g, 0);
         let f64s = |d: burn::tensor::TensorData| d.convert::<f64>().to_vec::<f64>().unwrap();
         (f64s(sums.inner().into_data()), f64s(g.into_data()))
     };
-    let layout = |packed: bool, head: Head| Layout {
+    let layout = |packed: bool, head: Head, checkpoint: bool| Layout {
         pad: 0,
         packed,
         head,
+        checkpoint,
     };
     let fused = |chunk: usize| Head {
         imp: HeadImpl::Fused,
         chunk,
     };
-    let (padded, g_padded) = run(layout(false, Head::DENSE));
+    let (tiled, tiled5) = (AttentionImpl::default(), AttentionImpl::Tiled { block: 5 });
+    let (padded, g_padded) = run(layout(false, Head::DENSE, false), AttentionImpl::Dense);
     // Gradients in units of the largest one: an element is a sum over every scored position
     // with cancellations, so its rounding error scales with the largest terms, not with itself.
     let scale = g_padded.iter().fold(0f64, |m, g| m.max(g.abs()));
     let unit = |g: &[f64]| g.iter().map(|x| x / scale).collect::<Vec<f64>>();
-    for (what, l) in [
-        ("packed, dense head", layout(true, Head::DENSE)),
-        ("padded, fused head (auto block)", layout(false, fused(0))),
+    for (what, l, attn) in [
         (
-            "padded, fused head (5-position blocks)",
-            layout(false, fused(5)),
+            "padded, dense head, tiled attention (5-query blocks)",
+            layout(false, Head::DENSE, false),
+            tiled5,
         ),
         (
-            "packed, fused head (5-position blocks)",
-            layout(true, fused(5)),
+            "packed, dense head, dense attention",
+            layout(true, Head::DENSE, false),
+            AttentionImpl::Dense,
+        ),
+        (
+            "packed, dense head, tiled attention (5-query blocks)",
+            layout(true, Head::DENSE, false),
+            tiled5,
+        ),
+        (
+            "padded, fused head (auto block), tiled attention",
+            layout(false, fused(0), false),
+            tiled,
+        ),
+        (
+            "padded, fused head (5-position blocks), tiled attention",
+            layout(false, fused(5), false),
+            tiled,
+        ),
+        (
+            "packed, fused head (5-position blocks), tiled attention (5-query blocks)",
+            layout(true, fused(5), false),
+            tiled5,
+        ),
+        (
+            "padded, fused head, tiled attention, layer checkpointing",
+            layout(false, fused(0), true),
+            tiled,
+        ),
+        (
+            "packed, fused head (5-position blocks), tiled attention (5-query blocks), layer checkpointing",
+            layout(true, fused(5), true),
+            tiled5,
+        ),
+        (
+            "padded, dense head, dense attention, layer checkpointing",
+            layout(false, Head::DENSE, true),
+            AttentionImpl::Dense,
         ),
     ] {
-        let (got, g_got) = run(l);
+        let (got, g_got) = run(l, attn);
         let rep = assert_close(
             &format!("{label} {what}: log-probs"),
             &got,

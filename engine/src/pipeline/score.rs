@@ -20,7 +20,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
 use serde_json::{Map, Value};
 use wrpo_models::reward::{load_reward_config, load_reward_hf, LlamaReward, RewardConfig};
 
@@ -105,7 +104,7 @@ pub fn encode_pair(
 
 /// Scores of `seqs` (input order), longest first in batches of `batch_size` sequences.
 /// `progress(done, total)` after each batch.
-pub fn score_sequences<B: Backend>(
+pub fn score_sequences<B: wrpo_kernels::attention::AttentionBackend>(
     model: &LlamaReward<B>,
     cfg: &RewardConfig,
     seqs: &[Vec<u32>],
@@ -166,7 +165,7 @@ impl ScoreOutput {
 }
 
 /// Run `score`.
-pub fn run_score<B: Backend>(
+pub fn run_score<B: wrpo_kernels::attention::AttentionBackend>(
     job: &ScoreJob,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),

@@ -182,9 +182,32 @@ train_config! {
     /// Positions per block of the fused LM head (0 = automatic: about 16M logits per block, 130
     /// positions at a 128k vocabulary).
     lm_head_chunk: usize = 0;
+    /// Attention in the training forward: `tiled` (a block of queries at a time with a
+    /// recomputing backward: memory linear in the sequence length) or `dense` (the full
+    /// `[B, heads, T, T]` scores: the reference).
+    #[arg(value_enum)]
+    attn_implementation: crate::model::AttnImpl = crate::model::AttnImpl::Tiled;
+    /// Queries per block of the tiled attention (memory per layer grows with block × T).
+    attention_block: usize = 128;
+    /// Layer (activation) checkpointing of the policy forward in `train` and `sft`: each decoder
+    /// layer keeps only its input and recomputes its activations in the backward pass (one
+    /// extra forward of the layers). The authors' configs use true; the default is false because
+    /// it only costs time where memory is not short.
+    #[arg(value_name = "BOOL")]
+    gradient_checkpointing: bool = false;
 }
 
 impl TrainConfig {
+    /// The model's configuration from `source` with these settings' attention applied.
+    pub fn model_config(
+        &self,
+        source: &crate::model::ModelSource,
+    ) -> Result<wrpo_models::LlamaConfig> {
+        let mut cfg = source.config()?;
+        cfg.attn_implementation = self.attn_implementation.with_block(self.attention_block);
+        Ok(cfg)
+    }
+
     /// The LM-head path these settings choose.
     pub fn head(&self) -> crate::logps::Head {
         crate::logps::Head {
@@ -245,6 +268,7 @@ impl TrainConfig {
             ),
             ("max_length", self.max_length),
             ("logging_steps", self.logging_steps),
+            ("attention_block", self.attention_block),
         ] {
             if v == 0 {
                 bail!("{k} must be at least 1");

@@ -108,7 +108,7 @@ impl<'a> Setup<'a> {
         let (cfg, paths) = (&job.cfg, &job.paths);
         cfg.validate()?;
         let source = ModelSource::from_arg(paths.model.as_deref());
-        let model_cfg = source.config()?;
+        let model_cfg = cfg.model_config(&source)?;
         let tok = source.tokenizer(&model_cfg)?;
         let opts = EncodeOptions {
             max_length: Some(cfg.max_length),

@@ -17,6 +17,7 @@ pub mod dist;
 pub mod driver;
 pub mod metrics;
 pub mod optim;
+pub mod recompute;
 pub mod refcache;
 pub mod schedule;
 pub mod sft;
@@ -262,6 +263,7 @@ pub fn run_train_peer<B: KernelBackend>(
             pad,
             packed: cfg.padding_free,
             head: cfg.head(),
+            checkpoint: cfg.gradient_checkpointing,
         },
         device,
         alpha: 0.0,
@@ -447,7 +449,7 @@ fn build_reference<B: KernelBackend>(
             let model = load_ref(&ref_source, paths, initial, device)?;
             Reference::Table(refcache::compute(
                 &model,
-                &ref_source.config()?,
+                &cfg.model_config(&ref_source)?,
                 eval,
                 pad,
                 cfg.head(),
@@ -458,7 +460,7 @@ fn build_reference<B: KernelBackend>(
         return Ok((Reference::Table(table), eval_ref));
     }
     let model = load_ref(&ref_source, paths, initial, device)?;
-    let model_cfg = ref_source.config()?;
+    let model_cfg = cfg.model_config(&ref_source)?;
     if !cfg.precompute_ref {
         let m2 = model.clone();
         return Ok((

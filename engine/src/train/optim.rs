@@ -73,15 +73,38 @@ impl<B: Backend> Flat<B> {
         model: &Llama<Autodiff<B>>,
         grads: &<Autodiff<B> as AutodiffBackend>::Gradients,
     ) -> Vec<Tensor<B, 1>> {
+        let mut acc = vec![None; self.values.len()];
+        self.add_grads(&mut acc, model, grads);
+        self.finish_grads(acc)
+    }
+
+    /// Add the gradients in `grads` (one backward over part of `model`, a [`Flat::leaf_model`])
+    /// into `acc`, in this list's order (layer checkpointing runs one backward per layer).
+    pub fn add_grads(
+        &self,
+        acc: &mut [Option<Tensor<B, 1>>],
+        model: &Llama<Autodiff<B>>,
+        grads: &<Autodiff<B> as AutodiffBackend>::Gradients,
+    ) {
         let index = self.index();
-        let mut out = vec![None; self.values.len()];
         model.visit_params(&mut |name, p| {
-            out[index(name)] = match p {
+            let g = match p {
                 ParamRef::D1(p) => p.val().grad(grads),
                 ParamRef::D2(p) => p.val().grad(grads).map(|g| g.flatten(0, 1)),
             };
+            if let Some(g) = g {
+                let slot = &mut acc[index(name)];
+                *slot = Some(match slot.take() {
+                    Some(a) => a + g,
+                    None => g,
+                });
+            }
         });
-        out.into_iter()
+    }
+
+    /// Accumulated gradients, zeros for a parameter no backward reached.
+    pub fn finish_grads(&self, acc: Vec<Option<Tensor<B, 1>>>) -> Vec<Tensor<B, 1>> {
+        acc.into_iter()
             .zip(&self.values)
             .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
             .collect()

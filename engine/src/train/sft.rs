@@ -23,13 +23,14 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
 use serde_json::{Map, Value};
 use wrpo_kernels::{logprobs::sequence_logprobs, KernelBackend};
-use wrpo_models::{Llama, LlamaConfig};
+use wrpo_models::{LayerInputs, Llama, LlamaConfig};
 
 use super::config::TrainConfig;
 use super::dist::{self, Peer, World};
 use super::driver::{self, Micro, Recipe, Setup};
 use super::metrics::json_f64;
 use super::optim::Flat;
+use super::recompute;
 use super::{Event, TrainJob, TrainSummary};
 use crate::data::{parse_rows_with, parse_sft_row, Dataset, EncodeOptions, Encoded};
 use crate::logps::{make_batch, make_packed_batch, pack_bfd};
@@ -86,6 +87,7 @@ fn sft_micro<B: KernelBackend>(
     packed: bool,
     scored_in_global: usize,
     pad: u32,
+    checkpoint: bool,
     device: &B::Device,
 ) -> MicroOut<B> {
     let model: Llama<Autodiff<B>> = params.leaf_model(cfg);
@@ -115,10 +117,11 @@ fn sft_micro<B: KernelBackend>(
         })
         .collect();
     let tokens = joined.iter().flatten().map(Vec::len).sum();
-    let (logits, labels) = if packed {
+    let (input_ids, inputs, labels) = if packed {
         let b = make_packed_batch::<Autodiff<B>>(&parts, pad, device);
-        let logits = model.forward_packed(cfg, b.input_ids, &b.segments, &b.positions);
-        (logits, b.labels)
+        let inputs =
+            LayerInputs::packed(cfg, b.input_ids.dims(), &b.segments, &b.positions, device);
+        (b.input_ids, inputs, b.labels)
     } else {
         let seqs: Vec<(&[u32], &[u32])> = parts
             .iter()
@@ -128,23 +131,33 @@ fn sft_micro<B: KernelBackend>(
             })
             .collect();
         let b = make_batch::<Autodiff<B>>(&seqs, pad, device);
-        (model.forward(cfg, b.input_ids, b.valid), b.labels)
+        (b.input_ids, LayerInputs::padded(cfg, b.valid), b.labels)
     };
-    let argmax = logits.clone().inner().argmax(2).squeeze_dim::<2>(2);
-    let labels_inner = labels.clone().inner();
-    let scored = labels_inner
-        .clone()
-        .not_equal_elem(wrpo_kernels::IGNORE_INDEX);
-    let correct = argmax
-        .equal(labels_inner)
-        .bool_and(scored)
-        .int()
-        .sum()
-        .into_scalar();
-    let (sums, _) = sequence_logprobs(logits, labels);
-    let nll = sums.sum().neg();
-    let grads_all = (nll.clone() / scored_in_global as f64).backward();
-    let grads = params.grads_of(&model, &grads_all);
+    let (grads, (nll, correct)) = recompute::backward(
+        cfg,
+        params,
+        &model,
+        input_ids,
+        &inputs,
+        checkpoint,
+        |hidden| {
+            let logits = model.head(hidden);
+            let argmax = logits.clone().inner().argmax(2).squeeze_dim::<2>(2);
+            let labels_inner = labels.clone().inner();
+            let scored = labels_inner
+                .clone()
+                .not_equal_elem(wrpo_kernels::IGNORE_INDEX);
+            let correct = argmax
+                .equal(labels_inner)
+                .bool_and(scored)
+                .int()
+                .sum()
+                .into_scalar();
+            let (sums, _) = sequence_logprobs(logits, labels);
+            let nll = sums.sum().neg();
+            (nll.clone() / scored_in_global as f64, (nll, correct))
+        },
+    );
     use burn::tensor::ElementConversion;
     MicroOut {
         grads,
@@ -316,6 +329,7 @@ impl<B: KernelBackend> Recipe<B> for Sft<'_, B> {
             self.cfg.packing,
             self.n_scored.max(1),
             self.pad,
+            self.cfg.gradient_checkpointing,
             self.device,
         );
         (self.nll, self.correct) = (self.nll + out.nll, self.correct + out.correct);

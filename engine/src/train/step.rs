@@ -4,17 +4,17 @@
 //! module never touches logits beyond the log-prob op.
 
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
-use wrpo_kernels::logprobs::token_logprobs;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use wrpo_kernels::logprobs::{sequence_logprobs, token_logprobs};
 use wrpo_kernels::loss::{preference_loss_fused, LossConfig, PreferenceInputs};
 use wrpo_kernels::KernelBackend;
-use wrpo_models::{Llama, LlamaConfig};
+use wrpo_models::{LayerInputs, Llama, LlamaConfig};
 
 use super::metrics::RowStats;
 use super::optim::Flat;
 use crate::data::Encoded;
 use crate::logps::{
-    batch_logps, fused_sums, make_batch, make_packed_batch, pack_bfd, Head, HeadImpl, RowLogps,
+    fused_sums, make_batch, make_packed_batch, pack_bfd, Head, HeadImpl, RowLogps, Scored,
 };
 
 /// Where reference log-probs come from.
@@ -48,14 +48,112 @@ pub struct Layout {
     /// false: one right-padded row per sequence. true: padding-free — sequences packed
     /// best-fit-decreasing into rows no longer than the micro-batch's longest sequence, each
     /// attending only to itself with positions from 0 ([`Llama::forward_packed`]). Rows are
-    /// never longer and never more than the padded batch's, so the (dense-mask) attention never
-    /// costs more; short sequences share rows.
+    /// never longer and never more than the padded batch's; short sequences share rows.
     pub packed: bool,
     /// From hidden states to log-probs: the fused head (default) or the dense logits.
     pub head: Head,
+    /// Layer checkpointing of the policy forward ([`super::recompute`]).
+    pub checkpoint: bool,
 }
 
-/// Summed completion log-probs of each of `seqs` under `model`, in either layout.
+/// The sequences of a micro-batch laid out for the decoder (padded or packed), and how their
+/// summed log-probs follow from the final hidden states.
+pub struct SeqBatch<B: Backend> {
+    /// `[R, T]` token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// RoPE tables and segment ids shared by the layers.
+    pub inputs: LayerInputs<B>,
+    /// `[R, T]` shifted labels ([`crate::logps::Batch::labels`]).
+    labels: Tensor<B, 2, Int>,
+    /// Scored positions, owners = sequence index in `seqs` order.
+    scored: Scored,
+    /// Packed rows: host segment ids and the sequences of each row (for the dense path's sums).
+    packed: Option<(Vec<u32>, Vec<Vec<usize>>)>,
+    /// Sequences.
+    n: usize,
+    head: Head,
+}
+
+impl<B: KernelBackend> SeqBatch<B> {
+    /// Lay out `seqs` (prompt, completion) as `layout` says.
+    pub fn new(
+        cfg: &LlamaConfig,
+        seqs: &[(&[u32], &[u32])],
+        layout: Layout,
+        device: &B::Device,
+    ) -> Self {
+        let n = seqs.len();
+        if !layout.packed {
+            let batch = make_batch::<B>(seqs, layout.pad, device);
+            return SeqBatch {
+                inputs: LayerInputs::padded(cfg, batch.valid),
+                input_ids: batch.input_ids,
+                labels: batch.labels,
+                scored: batch.scored,
+                packed: None,
+                n,
+                head: layout.head,
+            };
+        }
+        let lens: Vec<usize> = seqs.iter().map(|(p, c)| p.len() + c.len()).collect();
+        let bins = pack_bfd(&lens, lens.iter().copied().max().unwrap_or(1));
+        let rows: Vec<Vec<(&[u32], &[u32])>> = bins
+            .iter()
+            .map(|b| b.iter().map(|&i| seqs[i]).collect())
+            .collect();
+        let mut packed = make_packed_batch::<B>(&rows, layout.pad, device);
+        // The packed batch names sequences by their ordinal in packing order (`bins.concat()`).
+        let order = bins.concat();
+        let owner = std::mem::take(&mut packed.scored.owner);
+        packed.scored.owner = owner.iter().map(|&o| order[o as usize] as i64).collect();
+        let inputs = LayerInputs::packed(
+            cfg,
+            packed.input_ids.dims(),
+            &packed.segments,
+            &packed.positions,
+            device,
+        );
+        SeqBatch {
+            input_ids: packed.input_ids,
+            inputs,
+            labels: packed.labels,
+            scored: packed.scored,
+            packed: Some((packed.segments, bins)),
+            n,
+            head: layout.head,
+        }
+    }
+
+    /// Summed completion log-probs of each sequence from the final hidden states `[R, T, H]` of
+    /// [`Self::input_ids`] under `model`. Returns `[N]`, in `seqs` order.
+    pub fn sums(&self, model: &Llama<B>, hidden: Tensor<B, 3>) -> Tensor<B, 1> {
+        let n = self.n;
+        if self.head.imp == HeadImpl::Fused {
+            if let Some(sums) = fused_sums(model, hidden.clone(), &self.scored, n, self.head) {
+                return sums;
+            }
+        }
+        let Some((segments, bins)) = &self.packed else {
+            return sequence_logprobs(model.head(hidden), self.labels.clone()).0;
+        };
+        let [r, t] = self.labels.dims();
+        let tokens = token_logprobs(model.head(hidden), self.labels.clone()); // [R, T]
+                                                                              // Segment sums as one matmul with a 0/1 [R·T, N] matrix: token (row, t) of segment s
+                                                                              // belongs to sequence bins[row][s − 1]; padding (segment 0) to none.
+        let mut onehot = vec![0f32; r * t * n];
+        for (i, &seg) in segments.iter().enumerate() {
+            if seg > 0 {
+                onehot[i * n + bins[i / t][seg as usize - 1]] = 1.0;
+            }
+        }
+        let owner =
+            Tensor::<B, 2>::from_data(TensorData::new(onehot, [r * t, n]), &self.labels.device());
+        tokens.reshape([1, r * t]).matmul(owner).reshape([n])
+    }
+}
+
+/// Summed completion log-probs of each of `seqs` under `model`, in either layout (no
+/// checkpointing: for models without autodiff, or one plain autodiff forward).
 ///
 /// # Shapes
 /// - returns `[N]`, N = `seqs.len()`
@@ -66,43 +164,11 @@ pub fn sequence_logps<B: KernelBackend>(
     layout: Layout,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    if !layout.packed {
-        let batch = make_batch::<B>(seqs, layout.pad, device);
-        return batch_logps(model, cfg, batch, layout.head).0;
-    }
-    let lens: Vec<usize> = seqs.iter().map(|(p, c)| p.len() + c.len()).collect();
-    let bins = pack_bfd(&lens, lens.iter().copied().max().unwrap_or(1));
-    let rows: Vec<Vec<(&[u32], &[u32])>> = bins
-        .iter()
-        .map(|b| b.iter().map(|&i| seqs[i]).collect())
-        .collect();
-    let mut packed = make_packed_batch::<B>(&rows, layout.pad, device);
-    let [r, t] = packed.input_ids.dims();
-    let n = seqs.len();
-    let hidden =
-        model
-            .model
-            .forward_packed(cfg, packed.input_ids, &packed.segments, &packed.positions);
-    if layout.head.imp == HeadImpl::Fused {
-        // The packed batch names sequences by their ordinal in packing order (`bins.concat()`).
-        let order = bins.concat();
-        let owner = std::mem::take(&mut packed.scored.owner);
-        packed.scored.owner = owner.iter().map(|&o| order[o as usize] as i64).collect();
-        if let Some(sums) = fused_sums(model, hidden.clone(), &packed.scored, n, layout.head) {
-            return sums;
-        }
-    }
-    let tokens = token_logprobs(model.head(hidden), packed.labels); // [R, T], 0 where not scored
-                                                                    // Segment sums as one matmul with a 0/1 [R·T, N] matrix: token (row, t) of segment s
-                                                                    // belongs to sequence bins[row][s − 1]; padding (segment 0) to none.
-    let mut onehot = vec![0f32; r * t * n];
-    for (i, &seg) in packed.segments.iter().enumerate() {
-        if seg > 0 {
-            onehot[i * n + bins[i / t][seg as usize - 1]] = 1.0;
-        }
-    }
-    let owner = Tensor::<B, 2>::from_data(TensorData::new(onehot, [r * t, n]), device);
-    tokens.reshape([1, r * t]).matmul(owner).reshape([n])
+    let batch = SeqBatch::<B>::new(cfg, seqs, layout, device);
+    let hidden = model
+        .model
+        .forward_inputs(batch.input_ids.clone(), &batch.inputs);
+    batch.sums(model, hidden)
 }
 
 fn to_2d<B: Backend>(v: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
@@ -243,23 +309,32 @@ pub fn micro_step<B: KernelBackend>(
     let policy_model: Llama<A<B>> = params.leaf_model(cfg);
     let seqs = sequences(rows);
     let tokens = seqs.iter().map(|(p, c)| p.len() + c.len()).sum();
-    let sums = sequence_logps(&policy_model, cfg, &seqs, layout, device);
-    let policy = split(sums, b, k1, r);
     let refs = reference_logps(reference, rows, idx, layout, device);
     let (ct, rt) = token_counts::<B>(rows, device);
-    let out = preference_loss_fused(
-        loss_cfg,
-        PreferenceInputs {
-            policy_chosen: policy.chosen.clone(),
-            policy_rejected: policy.rejected.clone(),
-            reference_chosen: Tensor::from_inner(refs.chosen),
-            reference_rejected: Tensor::from_inner(refs.rejected),
-            chosen_tokens: Tensor::from_inner(ct),
-            rejected_tokens: Tensor::from_inner(rt),
+    let batch = SeqBatch::<A<B>>::new(cfg, &seqs, layout, device);
+    let (grads, (policy, out)) = super::recompute::backward(
+        cfg,
+        params,
+        &policy_model,
+        batch.input_ids.clone(),
+        &batch.inputs,
+        layout.checkpoint,
+        |hidden| {
+            let policy = split(batch.sums(&policy_model, hidden), b, k1, r);
+            let out = preference_loss_fused(
+                loss_cfg,
+                PreferenceInputs {
+                    policy_chosen: policy.chosen.clone(),
+                    policy_rejected: policy.rejected.clone(),
+                    reference_chosen: Tensor::from_inner(refs.chosen),
+                    reference_rejected: Tensor::from_inner(refs.rejected),
+                    chosen_tokens: Tensor::from_inner(ct),
+                    rejected_tokens: Tensor::from_inner(rt),
+                },
+            );
+            (out.loss.clone() * scale, (policy, out))
         },
     );
-    let grads_all = (out.loss.clone() * scale).backward();
-    let grads = params.grads_of(&policy_model, &grads_all);
     let loss: f32 = burn::tensor::ElementConversion::elem(out.loss.clone().into_scalar());
     let inner = |l: &Logps<A<B>>| Logps {
         chosen: l.chosen.clone().inner(),
