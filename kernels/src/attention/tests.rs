@@ -176,12 +176,10 @@ fn expected(c: Case, inp: &Inputs) -> Expected {
 }
 
 type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+/// (q, k, v), g, q_seg, k_seg.
+type Tensors<B> = (Qkv<B>, Tensor<B, 4>, Tensor<B, 2, Int>, Tensor<B, 2, Int>);
 
-fn tensors<B: Backend>(
-    c: Case,
-    inp: &Inputs,
-    device: &B::Device,
-) -> (Qkv<B>, Tensor<B, 4>, Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+fn tensors<B: Backend>(c: Case, inp: &Inputs, device: &B::Device) -> Tensors<B> {
     let f = |x: &Vec<f32>, n: usize| {
         Tensor::<B, 4>::from_data(TensorData::new(x.clone(), [c.b, n, c.t, c.hd]), device)
     };
