@@ -46,3 +46,17 @@ impl<B> KernelBackend for B where
         + loss::LossBackend
 {
 }
+
+/// A float primitive as a tensor (for the backend-extension traits' default methods).
+fn float<B: burn::tensor::backend::Backend, const D: usize>(
+    x: burn::tensor::ops::FloatTensor<B>,
+) -> burn::tensor::Tensor<B, D> {
+    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(x))
+}
+
+/// A float tensor's primitive.
+fn prim<B: burn::tensor::backend::Backend, const D: usize>(
+    x: burn::tensor::Tensor<B, D>,
+) -> burn::tensor::ops::FloatTensor<B> {
+    x.into_primitive().tensor()
+}

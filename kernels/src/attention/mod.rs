@@ -43,8 +43,10 @@
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
-    Int, Tensor, TensorPrimitive,
+    Int, Tensor,
 };
+
+use crate::{float, prim};
 
 mod backward;
 pub mod reference;
@@ -152,14 +154,6 @@ pub trait AttentionBackend: Backend {
         );
         (prim(dq), prim(dk), prim(dv))
     }
-}
-
-fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
-}
-
-fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
-    x.into_primitive().tensor()
 }
 
 /// NdArray (the `cpu` backend): the tiled composite.

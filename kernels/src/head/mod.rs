@@ -52,8 +52,10 @@
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
-    Int, Tensor, TensorPrimitive,
+    Int, Tensor,
 };
+
+use crate::{float, prim};
 
 use crate::logprobs::{token_logprobs_reference, LogProbBackend};
 
@@ -130,14 +132,6 @@ pub trait HeadLogProbBackend: LogProbBackend {
         );
         (dh.map(prim), dw.map(prim))
     }
-}
-
-fn float<B: Backend, const D: usize>(x: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
-}
-
-fn prim<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
-    x.into_primitive().tensor()
 }
 
 /// NdArray (the `cpu` backend): the chunked composite, each block through the composite log-probs.

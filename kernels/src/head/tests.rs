@@ -331,7 +331,7 @@ mod wgpu {
 mod cuda {
     use super::*;
     type B = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
-    parity_tests!("cuda", B, burn::backend::cuda::CudaDevice::new(0), #[ignore = "needs CUDA"]);
+    parity_tests!("cuda", B, burn::backend::cuda::CudaDevice::new(0), #[ignore = "needs CUDA: skipped without a GPU; run `cargo test -- --ignored cuda` on one"]);
 }
 
 #[test]
