@@ -53,6 +53,14 @@ pub mod tol {
         atol: 1e-4,
         rtol: 1e-4,
     };
+    /// The fraction of final-weight elements that may fall outside [`TRAINED_WEIGHTS_F32`]
+    /// (at least one is always allowed): the isolated rounding-level-gradient elements above,
+    /// which Adam moves by a fraction of the learning rate either way. Such an outlier must still
+    /// be within `lr · updates` (Adam moves an element by about lr per update at most), and a real
+    /// error (a wrong gradient, a wrong layout) moves most elements, not one in ten thousand.
+    /// Measured: 1 of 115008 elements (SFT packed vs unpacked on cpu with the tiled attention,
+    /// 3.6e-4 off with lr 2e-3 over 3 updates).
+    pub const TRAINED_WEIGHT_OUTLIERS: f64 = 1e-4;
     /// Metrics of a data-parallel run (2 peers × batch 2) vs one process (batch 4), same rows:
     /// the same computation except the order in which per-row gradients, losses and metric sums
     /// are added (and the loss and metric sums crossing the all-reduce as f32), so differences
@@ -152,6 +160,47 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: Tol) -> Report {
         want[worst]
     );
     Report { max_abs, max_rel }
+}
+
+/// Final weights after `updates` Adam updates at learning rate `lr` (see
+/// [`tol::TRAINED_WEIGHT_OUTLIERS`]): every element within [`tol::TRAINED_WEIGHTS_F32`] except at
+/// most that fraction, and those within `lr · updates`. Prints the count of outliers.
+pub fn assert_trained_weights_close(
+    what: &str,
+    got: &[f64],
+    want: &[f64],
+    lr: f64,
+    updates: usize,
+) -> Report {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let t = tol::TRAINED_WEIGHTS_F32;
+    let outside: Vec<usize> = (0..got.len())
+        .filter(|&i| {
+            let err = (got[i] - want[i]).abs();
+            err.is_nan() || err > t.atol + t.rtol * want[i].abs()
+        })
+        .collect();
+    let allowed = ((got.len() as f64 * tol::TRAINED_WEIGHT_OUTLIERS).floor() as usize).max(1);
+    let bound = Tol {
+        atol: lr * updates as f64,
+        rtol: 0.0,
+    };
+    let rep = assert_close(&format!("{what} (Adam bound lr·updates)"), got, want, bound);
+    println!(
+        "{what}: {} of {} elements outside {t:?} (at most {allowed} allowed)",
+        outside.len(),
+        got.len()
+    );
+    assert!(
+        outside.len() <= allowed,
+        "{what}: {} of {} elements outside {t:?}, at most {allowed} allowed; first at index {}: got {}, want {}",
+        outside.len(),
+        got.len(),
+        outside[0],
+        got[outside[0]],
+        want[outside[0]]
+    );
+    rep
 }
 
 /// The wgpu device the tests use; panics (fails the test, never skips) without an adapter.
