@@ -166,6 +166,11 @@ struct BenchKernelsArgs {
     /// 0 skips it.
     #[arg(long, default_value_t = 128)]
     loss_rows: usize,
+    /// A training-attention case `B,NH,NKV,T,HD` (causal; the tiled op — FlashAttention-2 kernels
+    /// on cuda/wgpu — against the dense composite, forward and forward + backward); repeatable.
+    /// None by default. LLaMA-3-8B's heads at the authors' length: 1,32,8,2048,128.
+    #[arg(long = "attention", value_parser = parse_attention_shape)]
+    attention: Vec<[usize; 5]>,
     /// One JSON record per case on standard output instead of a table.
     #[arg(long)]
     json: bool,
@@ -186,6 +191,30 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
     match v[..] {
         [n, t, v] if n > 0 && t > 0 && v > 0 => Ok([n, t, v]),
         _ => Err(format!("{s:?}: expected three positive numbers N,T,V")),
+    }
+}
+
+fn parse_attention_shape(s: &str) -> Result<[usize; 5], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{s:?}: expected B,NH,NKV,T,HD"))
+        })
+        .collect::<Result<_, _>>()?;
+    match v[..] {
+        [b, nh, nkv, t, hd] if b > 0 && nh > 0 && nkv > 0 && t > 0 && hd > 0 => {
+            if nh % nkv != 0 {
+                return Err(format!(
+                    "{s:?}: NKV = {nkv} key/value heads must divide NH = {nh} query heads"
+                ));
+            }
+            Ok([b, nh, nkv, t, hd])
+        }
+        _ => Err(format!(
+            "{s:?}: expected five positive numbers B,NH,NKV,T,HD"
+        )),
     }
 }
 
@@ -546,7 +575,7 @@ fn probe_memory(backend: &str, shape: [usize; 3], seed: u64, path: &str) -> Resu
 }
 
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
-    use wrpo_engine_core::bench::{bench_logprobs, bench_loss, peak_memory};
+    use wrpo_engine_core::bench::{bench_attention, bench_logprobs, bench_loss, peak_memory};
     if let Some(path) = &a.memory_probe {
         let selected = select(a.backend.backend)?;
         let [shape] = a.shapes[..] else {
@@ -633,6 +662,46 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
             r.time_ratio,
             r.memory_ratio
                 .map_or("n/a".to_string(), |m| format!("{m:.3}x"))
+        );
+    }
+    for shape in &a.attention {
+        let r = dispatch!(selected.clone(), B, device => bench_attention::<B>(&device, &label, *shape, a.warmup, a.reps, seed));
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+            continue;
+        }
+        println!();
+        println!(
+            "{:>20} {:>9} {:>12} {:>12} {:>9} {:>11} {:>10} {:>10}",
+            "attn B,NH,NKV,T,HD",
+            "path",
+            "fwd ms",
+            "fwd+bwd ms",
+            "TFLOP/s",
+            "",
+            "out err",
+            "grad err"
+        );
+        let name = shape.map(|x| x.to_string()).join(",");
+        for (path, s, tf) in [
+            ("tiled", &r.tiled, r.tiled_tflops),
+            ("dense", &r.dense, r.dense_tflops),
+        ] {
+            println!(
+                "{:>20} {:>9} {:>12.3} {:>12.3} {:>9.3} {:>11} {:>10.2e} {:>10.2e}",
+                name,
+                path,
+                s.forward_ms,
+                s.forward_backward_ms,
+                tf,
+                "",
+                r.out_max_rel_err,
+                r.grad_max_rel_err
+            );
+        }
+        println!(
+            "{:>20} tiled/dense: forward {:.3}x, forward + backward {:.3}x",
+            "", r.forward_ratio, r.time_ratio
         );
     }
     if a.loss_rows == 0 {

@@ -598,3 +598,126 @@ pub fn bench_loss<B: LossBackend>(
         grad_max_rel_err,
     }
 }
+
+/// The training-attention case: the tiled op (FlashAttention-2 kernels on CubeCL backends, the
+/// tiled composite on cpu) against the dense composite, causal, on one `[B, NH, NKV, T, HD]`
+/// shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionRecord {
+    /// Always `attention`.
+    pub op: &'static str,
+    /// The backend, as printed by `--backend`.
+    pub backend: String,
+    /// `[B, NH, NKV, T, HD]`.
+    pub shape: [usize; 5],
+    /// Seed of the random inputs.
+    pub seed: u64,
+    /// [`wrpo_kernels::attention::attention`] (no bandwidth floor: `forward_backward_gbps` is 0).
+    pub tiled: PathStats,
+    /// [`wrpo_kernels::attention::attention_dense`] under Burn's autodiff.
+    pub dense: PathStats,
+    /// Causal arithmetic of forward + backward: `3.5 · 2·B·NH·T²·HD` FLOP (the forward's `QKᵀ` and
+    /// `PV` over the visible half of the scores, `2·B·NH·T²·HD`; the backward about 2.5× that).
+    pub flops: f64,
+    /// `flops` / tiled forward + backward time, TFLOP/s.
+    pub tiled_tflops: f64,
+    /// `flops` / dense forward + backward time, TFLOP/s (the dense path does about twice the
+    /// arithmetic: it computes the masked half too).
+    pub dense_tflops: f64,
+    /// tiled / dense, forward time.
+    pub forward_ratio: f64,
+    /// tiled / dense, forward + backward time.
+    pub time_ratio: f64,
+    /// Max |tiled − dense| of the output, relative to max |dense output|.
+    pub out_max_rel_err: f64,
+    /// Max |tiled − dense| over `dq`, `dk`, `dv`, each relative to its max |dense value|.
+    pub grad_max_rel_err: f64,
+}
+
+/// Forward + backward of `Σ g∘attention(q, k, v)` under autodiff through `attn`. Returns
+/// (`out`, `dq`, `dk`, `dv`).
+fn attention_forward_backward<B: wrpo_kernels::attention::AttentionBackend>(
+    attn: wrpo_kernels::attention::AttentionImpl,
+    (q, k, v, g): (&Tensor<B, 4>, &Tensor<B, 4>, &Tensor<B, 4>, &Tensor<B, 4>),
+    seg: &Tensor<B, 2, Int>,
+) -> [Tensor<B, 4>; 4] {
+    let lift = |t: &Tensor<B, 4>| Tensor::<Autodiff<B>, 4>::from_inner(t.clone()).require_grad();
+    let (qa, ka, va) = (lift(q), lift(k), lift(v));
+    let s = Tensor::<Autodiff<B>, 2, Int>::from_inner(seg.clone());
+    let out = attn.run(qa.clone(), ka.clone(), va.clone(), s.clone(), s);
+    let grads = (out.clone() * Tensor::from_inner(g.clone()))
+        .sum()
+        .backward();
+    [
+        out.inner(),
+        qa.grad(&grads).expect("dq"),
+        ka.grad(&grads).expect("dk"),
+        va.grad(&grads).expect("dv"),
+    ]
+}
+
+/// Run the attention case (causal, one segment per row). `reps` timed runs after `warmup`
+/// untimed ones, per path and direction.
+pub fn bench_attention<B: wrpo_kernels::attention::AttentionBackend>(
+    device: &B::Device,
+    backend: &str,
+    [b, nh, nkv, t, hd]: [usize; 5],
+    warmup: usize,
+    reps: usize,
+    seed: u64,
+) -> AttentionRecord {
+    use wrpo_kernels::attention::{AttentionImpl, DEFAULT_BLOCK};
+    B::seed(device, seed ^ 0xa77e);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let q = Tensor::<B, 4>::random([b, nh, t, hd], normal, device);
+    let k = Tensor::<B, 4>::random([b, nkv, t, hd], normal, device);
+    let v = Tensor::<B, 4>::random([b, nkv, t, hd], normal, device);
+    let g = Tensor::<B, 4>::random([b, nh, t, hd], normal, device);
+    let seg = Tensor::<B, 2, Int>::ones([b, t], device);
+    let tiled_impl = AttentionImpl::Tiled {
+        block: DEFAULT_BLOCK,
+    };
+    let flops = 3.5 * 2.0 * (b * nh * t * t * hd) as f64;
+    let stats = |attn: AttentionImpl| {
+        path_stats::<B>(
+            device,
+            (warmup, reps),
+            0.0,
+            &|| {
+                drop(attn.run(q.clone(), k.clone(), v.clone(), seg.clone(), seg.clone()));
+            },
+            &|| drop(attention_forward_backward(attn, (&q, &k, &v, &g), &seg)),
+        )
+    };
+    let tflops = |s: &PathStats| flops / (s.forward_backward_ms * 1e-3) / 1e12;
+    let tiled = stats(tiled_impl);
+    let dense = stats(AttentionImpl::Dense);
+    let x = attention_forward_backward(tiled_impl, (&q, &k, &v, &g), &seg);
+    let y = attention_forward_backward(AttentionImpl::Dense, (&q, &k, &v, &g), &seg);
+    let rel = |a: &Tensor<B, 4>, b: &Tensor<B, 4>| {
+        let scale = b.clone().abs().max().into_scalar().elem::<f64>();
+        let err = (a.clone() - b.clone())
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f64>();
+        err / scale.max(f64::MIN_POSITIVE)
+    };
+    let out_max_rel_err = rel(&x[0], &y[0]);
+    let grad_max_rel_err = (1..4).map(|i| rel(&x[i], &y[i])).fold(0.0, f64::max);
+    AttentionRecord {
+        op: "attention",
+        backend: backend.to_string(),
+        shape: [b, nh, nkv, t, hd],
+        seed,
+        forward_ratio: tiled.forward_ms / dense.forward_ms,
+        time_ratio: tiled.forward_backward_ms / dense.forward_backward_ms,
+        tiled_tflops: tflops(&tiled),
+        dense_tflops: tflops(&dense),
+        tiled,
+        dense,
+        flops,
+        out_max_rel_err,
+        grad_max_rel_err,
+    }
+}

@@ -1,5 +1,5 @@
 //! Causal self-attention for training in memory linear in `T`: the forward keeps only the output
-//! and the per-row log-sum-exp, the backward recomputes the scores a query block at a time.
+//! and the per-row log-sum-exp, the backward recomputes the scores block by block.
 //!
 //! Formula (per batch row `b`, query head `h` with key/value head `g = h / n_rep`, query `i`,
 //! key `j`, scale `s = HD^-½`):
@@ -30,8 +30,12 @@
 //!   tensor ops over any backend. A block of `tq` queries needs only the keys `0..q1` (causality),
 //!   so it costs about half the dense arithmetic and `O(B·NH·tq·T)` memory; GQA/MQA reshape the
 //!   block's query heads to `[B, NKV, n_rep·tq, HD]` so the key/value heads are never repeated.
-//!   This is the implementation of [`AttentionBackend`] on every backend today (NdArray and the
-//!   CubeCL backends, where each block is Burn's matmul and elementwise kernels).
+//!   This is the implementation of [`AttentionBackend`] on the CPU (NdArray), and the oracle of
+//!   the kernels.
+//! - `kernel`: FlashAttention-2 as three CubeCL kernels (forward; dQ; dK/dV), one source for
+//!   CUDA and WGPU, no plane operations (so it runs on Mesa lavapipe): the implementation of
+//!   [`AttentionBackend`] on `CubeBackend`. Scores live only in registers and shared-memory tiles;
+//!   the `block` argument does not apply.
 //! - `backward`: [`AttentionBackend`] for `Autodiff<B>`: the inner forward plus a custom backward
 //!   node over `q`, `k`, `v` that keeps only them, the output, `lse [B, NH, T]` and the segment
 //!   ids — never a score block.
@@ -49,6 +53,7 @@ use burn::tensor::{
 use crate::{float, prim};
 
 mod backward;
+pub(crate) mod kernel;
 pub mod reference;
 #[cfg(test)]
 mod tests;
@@ -164,17 +169,6 @@ where
     Q: burn::backend::ndarray::QuantElement,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
-
-/// CubeCL backends (CUDA, WGPU): the tiled composite, each block Burn's matmul and elementwise
-/// kernels.
-impl<R, F, I, BT> AttentionBackend for burn_cubecl::CubeBackend<R, F, I, BT>
-where
-    R: burn_cubecl::CubeRuntime,
-    F: burn_cubecl::FloatElement,
-    I: burn_cubecl::IntElement,
-    BT: burn_cubecl::element::BoolElement,
 {
 }
 

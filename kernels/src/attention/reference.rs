@@ -144,11 +144,12 @@ pub fn backward<B: Backend>(
     let nkv = k.dims()[1];
     let n_rep = nh / nkv;
     let scale = (hd as f64).powf(-0.5);
-    let delta = (dout.clone() * out).sum_dim(3); // [B,NH,T,1]
-                                                 // `lse` as `[B, NH, T, 1]` before slicing: on CubeCL (Burn 0.21), reshaping a `[B, NH, 1]`
-                                                 // slice of a 3-d tensor to `[B, NKV, n_rep, 1]` reads the wrong elements (a last dimension of
-                                                 // size 1 after the slice); the 4-d slice with a trailing 1 is read correctly. Caught by the
-                                                 // one-query-per-block case on wgpu.
+    // [B,NH,T,1]
+    let delta = (dout.clone() * out).sum_dim(3);
+    // `lse` as `[B, NH, T, 1]` before slicing: on CubeCL (Burn 0.21), reshaping a `[B, NH, 1]`
+    // slice of a 3-d tensor to `[B, NKV, n_rep, 1]` reads the wrong elements (a last dimension of
+    // size 1 after the slice); the 4-d slice with a trailing 1 is read correctly. Caught by the
+    // one-query-per-block case on wgpu.
     let lse = lse.unsqueeze_dim::<4>(3);
     let device = q.device();
     let mut dk = Tensor::<B, 4>::zeros([b, nkv, t, hd], &device);

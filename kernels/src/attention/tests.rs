@@ -1,4 +1,5 @@
-//! Parity tests of the tiled attention.
+//! Parity tests of the training attention: the FlashAttention-2 CubeCL kernels (wgpu, cuda) and
+//! the tiled composite (cpu, and the kernels' oracle).
 //!
 //! For each backend (cpu = NdArray, wgpu = whatever adapter wgpu picks — Mesa lavapipe without a
 //! GPU —, cuda `#[ignore]`d without a GPU) and each case:
@@ -8,9 +9,11 @@
 //!
 //! each against an f64 host computation and against the dense path ([`attention_dense`]: full
 //! scores with a device-built mask, `repeat_kv`, softmax) differentiated by Burn's autodiff on the
-//! same backend; the dense path is itself checked against f64. Cases cover causal-only MHA, GQA
+//! same backend, and against the tiled composite ([`reference`]) forward and backward on the same
+//! backend; the dense path and the composite are themselves checked against f64. Cases cover causal-only MHA, GQA
 //! and MQA, right padding, packed segments with trailing padding, head dim 128, one query per
-//! block and a block longer than the sequence, at lengths that are not multiples of the block.
+//! block, a block longer than the sequence, and several query blocks and key tiles of the kernels
+//! (T 100), at lengths that are not multiples of the block.
 //! Inputs are fresh per run (seed printed; `WRPO_TEST_SEED` replays). Outputs and `lse` use the
 //! fp32 table; gradients, sums over keys or queries, `SCALED_SUM_F32`.
 
@@ -254,6 +257,42 @@ fn parity<B: AttentionBackend>(backend: &str, device: &B::Device, c: Case, salt:
     let e_out = check(&tag("out vs f64"), &out, &want.out, &qd, FP32);
     let e_lse = check(&tag("lse vs f64"), &lse, &want.lse, &[b, nh, t], FP32);
 
+    // The tiled composite on the same backend (on cpu it is the implementation itself; on
+    // CubeCL backends it is the oracle of the FlashAttention-2 kernels): forward and its
+    // hand-written backward with `dO = g`.
+    let ((q, k, v), g, qs, ks) = tensors::<B>(c, &inp, device);
+    let (c_out, c_lse) = reference::forward::<B>(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        qs.clone(),
+        ks.clone(),
+        block,
+    );
+    let (c_dq, c_dk, c_dv) =
+        reference::backward::<B>(q, k, v, qs, ks, c_out.clone(), c_lse.clone(), g, block);
+    let (c_out, c_lse) = (host(c_out), host(c_lse));
+    let (c_dq, c_dk, c_dv) = (host(c_dq), host(c_dk), host(c_dv));
+    let r_out = check(&tag("composite out vs f64"), &c_out, &want.out, &qd, FP32);
+    let r_lse = check(
+        &tag("composite lse vs f64"),
+        &c_lse,
+        &want.lse,
+        &[b, nh, t],
+        FP32,
+    );
+    let r_dq = check_grad(&tag("composite dq vs f64"), &c_dq, &want.dq, &qd);
+    let r_dk = check_grad(&tag("composite dk vs f64"), &c_dk, &want.dk, &kd);
+    let r_dv = check_grad(&tag("composite dv vs f64"), &c_dv, &want.dv, &kd);
+    let y_out = check(&tag("out vs composite"), &out, &to_f64(&c_out), &qd, FP32);
+    let y_lse = check(
+        &tag("lse vs composite"),
+        &lse,
+        &to_f64(&c_lse),
+        &[b, nh, t],
+        FP32,
+    );
+
     let [t_out, t_dq, t_dk, t_dv] = grads_of::<B>(c, &inp, device, |(q, k, v, qs, ks)| {
         attention(q, k, v, qs, ks, block)
     });
@@ -272,12 +311,18 @@ fn parity<B: AttentionBackend>(backend: &str, device: &B::Device, c: Case, salt:
     let o_dq = check_grad(&tag("dense dq vs f64"), &d_dq, &want.dq, &qd);
     let o_dk = check_grad(&tag("dense dk vs f64"), &d_dk, &want.dk, &kd);
     let o_dv = check_grad(&tag("dense dv vs f64"), &d_dv, &want.dv, &kd);
+    let z_dq = check_grad(&tag("dq vs composite"), &t_dq, &to_f64(&c_dq), &qd);
+    let z_dk = check_grad(&tag("dk vs composite"), &t_dk, &to_f64(&c_dk), &kd);
+    let z_dv = check_grad(&tag("dv vs composite"), &t_dv, &to_f64(&c_dv), &kd);
     println!(
         "[{name}] max abs err (gradients in units of their largest |value|) — vs f64: out {:.2e}, lse {:.2e}, autodiff out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}; \
-         vs dense: out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}; dense vs f64: out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}",
+         vs dense: out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}; dense vs f64: out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}; \
+         vs composite: out {:.2e}, lse {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}; composite vs f64: out {:.2e}, lse {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}",
         e_out.max_abs, e_lse.max_abs, e_aout.max_abs, e_dq.max_abs, e_dk.max_abs, e_dv.max_abs,
         x_out.max_abs, x_dq.max_abs, x_dk.max_abs, x_dv.max_abs,
         o_out.max_abs, o_dq.max_abs, o_dk.max_abs, o_dv.max_abs,
+        y_out.max_abs, y_lse.max_abs, z_dq.max_abs, z_dk.max_abs, z_dv.max_abs,
+        r_out.max_abs, r_lse.max_abs, r_dq.max_abs, r_dk.max_abs, r_dv.max_abs,
     );
 }
 
@@ -336,6 +381,18 @@ const BLOCK_OVER_T: Case = Case {
     layout: Layout::Packed,
 };
 
+/// Long enough for several query blocks and key tiles of the CubeCL kernels (32 queries per
+/// cube, 16–32 keys per tile at HD 64).
+const LONG_GQA_PADDED: Case = Case {
+    b: 2,
+    nh: 4,
+    nkv: 2,
+    t: 100,
+    hd: 64,
+    block: 32,
+    layout: Layout::Padded,
+};
+
 macro_rules! parity_tests {
     ($backend:literal, $ty:ty, $device:expr $(, #[$attr:meta])?) => {
         #[test] $(#[$attr])?
@@ -362,6 +419,10 @@ macro_rules! parity_tests {
         fn block_longer_than_the_sequence() {
             parity::<$ty>($backend, &$device, BLOCK_OVER_T, 26);
         }
+        #[test] $(#[$attr])?
+        fn long_gqa_padded_t100_head_dim_64() {
+            parity::<$ty>($backend, &$device, LONG_GQA_PADDED, 27);
+        }
     };
 }
 
@@ -371,14 +432,33 @@ mod cpu {
     parity_tests!("cpu", B, Default::default());
 }
 
+/// The kernels with one tile per launch: the forward carries `(m, l, acc)` from launch to
+/// launch, dQ and dK/dV add to the previous launches' sums (at real sizes this happens past
+/// [`kernel::tiles_per_launch`] tiles, e.g. T ≈ 3800 at HD 128).
+fn parity_one_tile_per_launch<B: AttentionBackend>(backend: &str, device: &B::Device) {
+    kernel::TEST_TILES_PER_LAUNCH.with(|c| c.set(Some(1)));
+    parity::<B>(backend, device, LONG_GQA_PADDED, 28);
+    parity::<B>(backend, device, MQA_PACKED, 29);
+    kernel::TEST_TILES_PER_LAUNCH.with(|c| c.set(None));
+}
+
 mod wgpu {
     use super::*;
     type B = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
     parity_tests!("wgpu", B, burn::backend::wgpu::WgpuDevice::DefaultDevice);
+    #[test]
+    fn one_tile_per_launch() {
+        parity_one_tile_per_launch::<B>("wgpu", &burn::backend::wgpu::WgpuDevice::DefaultDevice);
+    }
 }
 
 mod cuda {
     use super::*;
     type B = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
     parity_tests!("cuda", B, burn::backend::cuda::CudaDevice::new(0), #[ignore = "needs CUDA: skipped without a GPU; run `cargo test -- --ignored cuda` on one"]);
+    #[test]
+    #[ignore = "needs CUDA: skipped without a GPU; run `cargo test -- --ignored cuda` on one"]
+    fn one_tile_per_launch() {
+        parity_one_tile_per_launch::<B>("cuda", &burn::backend::cuda::CudaDevice::new(0));
+    }
 }
