@@ -118,13 +118,13 @@ fn loss_cases<B: LossBackend>(c: &mut Criterion, name: &str, device: &B::Device)
 }
 
 fn kernels(c: &mut Criterion) {
-    cases::<burn::backend::NdArray<f32>>(c, "cpu", &Default::default());
+    cases::<burn::backend::Flex>(c, "cpu", &Default::default());
     cases::<burn::backend::Wgpu<f32, i32, u32>>(
         c,
         "wgpu",
         &burn::backend::wgpu::WgpuDevice::DefaultDevice,
     );
-    loss_cases::<burn::backend::NdArray<f32>>(c, "cpu", &Default::default());
+    loss_cases::<burn::backend::Flex>(c, "cpu", &Default::default());
     loss_cases::<burn::backend::Wgpu<f32, i32, u32>>(
         c,
         "wgpu",

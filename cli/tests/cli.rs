@@ -372,8 +372,8 @@ fn bench_kernels_json_records() {
             );
         }
         assert!(l["time_ratio"].as_f64().unwrap() > 0.0, "{l}");
-        // cpu: the composite's gradient carries NdArray's approximate SIMD reciprocal (≤ 3.7e-4).
-        assert!(l["grad_max_rel_err"].as_f64().unwrap() < 1e-3, "{l}");
+        // cpu: two f32 formulas of the same gradient (measured 4.2e-8 and 1.2e-7, seed 1).
+        assert!(l["grad_max_rel_err"].as_f64().unwrap() < 1e-6, "{l}");
     }
     assert!(lines[1]["loss_abs_err"].as_f64().unwrap() < 1e-5);
     // --loss-rows 0 skips the loss record.

@@ -29,7 +29,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// ([`attention::AttentionBackend`]), the token log-probs ([`logprobs::LogProbBackend`]), the LM
 /// head fused with them ([`head::HeadLogProbBackend`]) and the preference loss
 /// ([`loss::LossBackend`]). Implemented for
-/// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on NdArray, and
+/// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on burn-flex, and
 /// `Autodiff` of either).
 pub trait KernelBackend:
     attention::AttentionBackend

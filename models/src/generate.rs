@@ -178,9 +178,7 @@ impl<B: Backend> Llama<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
-
-    type B = NdArray<f32>;
+    type B = burn::backend::Flex;
 
     fn ids(v: Vec<i64>, b: usize, s: usize) -> Tensor<B, 2, Int> {
         Tensor::from_data(TensorData::new(v, [b, s]), &Default::default())

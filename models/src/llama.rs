@@ -43,7 +43,7 @@ impl<B: Backend> RmsNorm<B> {
     /// Shapes: `[B, T, H]` → `[B, T, H]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let var = x.clone().powi_scalar(2).mean_dim(2);
-        // A division, not `recip()`: NdArray's SIMD reciprocal is approximate (~5e-5 relative).
+        // A division, not `recip()`: a backend's reciprocal may be an approximation.
         let x = x / (var + self.eps).sqrt();
         x * self.weight.val().unsqueeze::<3>()
     }

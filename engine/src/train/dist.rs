@@ -489,7 +489,6 @@ fn explain(world: &World, what: &str, e: RoundError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
 
     #[test]
     fn shards_cover_the_global_batch_in_rank_order() {
@@ -504,7 +503,7 @@ mod tests {
         let mut got = vec![];
         for node in 0..2 {
             for local in 0..2 {
-                let p = Peer::<NdArray> {
+                let p = Peer::<crate::backend::CpuBackend> {
                     world: world(node, 2),
                     local_rank: local,
                     round: None,

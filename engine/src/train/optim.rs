@@ -256,9 +256,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
-
-    type B = NdArray<f32>;
+    type B = crate::backend::CpuBackend;
 
     fn t(v: &[f32]) -> Tensor<B, 1> {
         Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())

@@ -725,7 +725,10 @@ fn attention_dkdv_kernel<F: Float, I: Numeric>(
 /// Head-dim elements per unrolled step: the largest of 4, 2, 1 that divides `hd` (8 halves the
 /// loop iterations again but takes lavapipe several times longer to compile).
 pub(crate) fn step_for(hd: usize) -> usize {
-    [4, 2, 1].into_iter().find(|s| hd.is_multiple_of(*s)).unwrap_or(1)
+    [4, 2, 1]
+        .into_iter()
+        .find(|s| hd.is_multiple_of(*s))
+        .unwrap_or(1)
 }
 
 /// Loop iterations one launch may spend per unit (Mesa lavapipe stops an invocation after 65535;

@@ -30,7 +30,7 @@
 //!   tensor ops over any backend. A block of `tq` queries needs only the keys `0..q1` (causality),
 //!   so it costs about half the dense arithmetic and `O(B·NH·tq·T)` memory; GQA/MQA reshape the
 //!   block's query heads to `[B, NKV, n_rep·tq, HD]` so the key/value heads are never repeated.
-//!   This is the implementation of [`AttentionBackend`] on the CPU (NdArray), and the oracle of
+//!   This is the implementation of [`AttentionBackend`] on the CPU (burn-flex), and the oracle of
 //!   the kernels.
 //! - `kernel`: FlashAttention-2 as three CubeCL kernels (forward; dQ; dK/dV), one source for
 //!   CUDA and WGPU, no plane operations (so it runs on Mesa lavapipe): the implementation of
@@ -161,16 +161,8 @@ pub trait AttentionBackend: Backend {
     }
 }
 
-/// NdArray (the `cpu` backend): the tiled composite.
-impl<E, I, Q> AttentionBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
+/// burn-flex (the `cpu` backend): the tiled composite.
+impl AttentionBackend for burn::backend::Flex {}
 
 /// Tiled attention ([`AttentionBackend`]; differentiable under `Autodiff` with the recomputing
 /// backward). Shapes as in the module docs; returns `[B, NH, T, HD]`.

@@ -1,7 +1,7 @@
 //! Parity tests of the training attention: the FlashAttention-2 CubeCL kernels (wgpu, cuda) and
 //! the tiled composite (cpu, and the kernels' oracle).
 //!
-//! For each backend (cpu = NdArray, wgpu = whatever adapter wgpu picks — Mesa lavapipe without a
+//! For each backend (cpu = burn-flex, wgpu = whatever adapter wgpu picks — Mesa lavapipe without a
 //! GPU —, cuda `#[ignore]`d without a GPU) and each case:
 //! - forward `out` and the saved `lse` of [`AttentionBackend::attention_forward`];
 //! - under `Autodiff`, the gradients by name — `dq`, `dk`, `dv` — of `loss = Σ g∘out` (random
@@ -428,7 +428,7 @@ macro_rules! parity_tests {
 
 mod cpu {
     use super::*;
-    type B = burn::backend::NdArray<f32>;
+    type B = burn::backend::Flex;
     parity_tests!("cpu", B, Default::default());
 }
 

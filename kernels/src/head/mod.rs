@@ -134,16 +134,8 @@ pub trait HeadLogProbBackend: LogProbBackend {
     }
 }
 
-/// NdArray (the `cpu` backend): the chunked composite, each block through the composite log-probs.
-impl<E, I, Q> HeadLogProbBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
+/// burn-flex (the `cpu` backend): the chunked composite, each block through the composite log-probs.
+impl HeadLogProbBackend for burn::backend::Flex {}
 
 /// CubeCL backends (CUDA, WGPU): the chunked composite, each block a Burn matmul plus the fused
 /// log-prob kernels.

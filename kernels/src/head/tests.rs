@@ -1,6 +1,6 @@
 //! Parity tests of the fused LM head + log-probs.
 //!
-//! For each backend (cpu = NdArray, wgpu = whatever adapter wgpu picks — Mesa lavapipe without a
+//! For each backend (cpu = burn-flex, wgpu = whatever adapter wgpu picks — Mesa lavapipe without a
 //! GPU —, cuda `#[ignore]`d without a GPU) and each shape:
 //! - forward `logp` and the saved `lse` of [`HeadLogProbBackend::head_logprobs_forward`];
 //! - under `Autodiff`, the gradients by name — `dhidden` and `dweight` (`dW_head`) — of
@@ -318,7 +318,7 @@ macro_rules! parity_tests {
 
 mod cpu {
     use super::*;
-    type B = burn::backend::NdArray<f32>;
+    type B = burn::backend::Flex;
     parity_tests!("cpu", B, Default::default());
 }
 

@@ -11,7 +11,7 @@
 //! # Tiers (each the oracle of the next)
 //! - [`mod@reference`]: plain Burn tensor ops. [`token_logprobs_reference`] is differentiated by Burn's
 //!   autodiff and is the test oracle; [`reference::forward`] / [`reference::backward`] are the
-//!   default (composite) implementation of [`LogProbBackend`], used by NdArray.
+//!   default (composite) implementation of [`LogProbBackend`], used by burn-flex.
 //! - `kernel`: the fused CubeCL kernels, one `#[cube]` source for every CubeCL runtime (CUDA and
 //!   WGPU): one pass over `V` per row for the forward, one elementwise pass for the backward.
 //! - `backward`: the [`LogProbBackend`] implementation for `Autodiff<B>`, whose backward calls
@@ -20,7 +20,7 @@
 //!
 //! # Which backends: fusion off
 //! The extension trait is implemented for `CubeBackend<R, F, I, BT>` (any CubeCL runtime), for
-//! `Autodiff<B, C>` over any implementor, and for `NdArray`. It is **not** implemented for Burn's
+//! `Autodiff<B, C>` over any implementor, and for burn-flex. It is **not** implemented for Burn's
 //! fusion wrapper (`Fusion<CubeBackend<…>>`): the workspace builds Burn without its `fusion`
 //! feature, so `burn::backend::Cuda<f32, i32>` *is* `CubeBackend<CudaRuntime, f32, i32, u8>` and
 //! `burn::backend::Wgpu<f32, i32, u32>` *is* `CubeBackend<WgpuRuntime, f32, i32, u32>`, and the
@@ -98,16 +98,8 @@ pub trait LogProbBackend: Backend {
     }
 }
 
-/// NdArray (the `cpu` backend) uses the composite reference for both directions.
-impl<E, I, Q> LogProbBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
+/// burn-flex (the `cpu` backend) uses the composite reference for both directions.
+impl LogProbBackend for burn::backend::Flex {}
 
 /// Per-token log-probs at the labels, 0 at ignored positions, through [`LogProbBackend`]
 /// (fused on CubeCL backends, composite elsewhere; differentiable under `Autodiff`).

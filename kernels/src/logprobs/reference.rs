@@ -1,5 +1,5 @@
 //! Composite reference: plain Burn tensor ops, the specification and test oracle of the fused
-//! kernels, and the implementation used by backends without CubeCL (NdArray).
+//! kernels, and the implementation used by backends without CubeCL (burn-flex).
 //!
 //! Every step runs in the tensor's float dtype (f32 on all our backends). The forward never
 //! materialises a full `[N, T, V]` log-softmax: it gathers the label's logit and subtracts the

@@ -36,7 +36,7 @@
 //! - [`preference_loss`]: plain Burn tensor ops differentiated by Burn's autodiff — the
 //!   specification, the trainer's path today and the test oracle.
 //! - [`mod@reference`]: the same forward per row plus the closed-form backward above, as tensor
-//!   ops: the default (composite) implementation of [`LossBackend`], used by NdArray.
+//!   ops: the default (composite) implementation of [`LossBackend`], used by burn-flex.
 //! - `kernel`: the fused CubeCL kernels, one `#[cube]` source for every CubeCL runtime (CUDA and
 //!   WGPU): one unit per example row, looping over the K + 1 chosen and R rejected columns.
 //! - `backward`: [`LossBackend`] for `Autodiff<B>`: the inner backend's forward plus a custom
@@ -44,7 +44,7 @@
 //!
 //! [`preference_loss_fused`] is the entry through [`LossBackend`], with the inputs and outputs of
 //! [`preference_loss`]. Backends: as for the log-probs op (see [`crate::logprobs`]), the trait is
-//! implemented for `CubeBackend<R, F, I, BT>`, `Autodiff<B, C>` and NdArray, not for Burn's fusion
+//! implemented for `CubeBackend<R, F, I, BT>`, `Autodiff<B, C>` and burn-flex, not for Burn's fusion
 //! wrapper (the workspace builds Burn without `fusion`).
 //!
 //! # Shapes
@@ -178,16 +178,8 @@ pub trait LossBackend: Backend {
     }
 }
 
-/// NdArray (the `cpu` backend) uses the composite reference for both directions.
-impl<E, I, Q> LossBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
+/// burn-flex (the `cpu` backend) uses the composite reference for both directions.
+impl LossBackend for burn::backend::Flex {}
 
 /// The preference loss through [`LossBackend`] (fused on CubeCL backends, composite elsewhere):
 /// the same inputs and outputs as [`preference_loss`]. Under `Autodiff` the mean loss is
@@ -337,10 +329,10 @@ pub(crate) fn scores<B: Backend>(
 #[cfg(test)]
 mod hand_derived {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
+    use burn::backend::{Autodiff, Flex};
     use burn::tensor::TensorData;
 
-    type A = Autodiff<NdArray<f32>>;
+    type A = Autodiff<Flex>;
 
     fn t(v: &[f32], rows: usize) -> Tensor<A, 2> {
         Tensor::from_data(
@@ -588,10 +580,8 @@ mod hand_derived {
 
     #[test]
     fn softplus_is_stable() {
-        let x = Tensor::<NdArray<f32>, 1>::from_floats(
-            [-1000.0, -1.0, 0.0, 1.0, 1000.0],
-            &Default::default(),
-        );
+        let x =
+            Tensor::<Flex, 1>::from_floats([-1000.0, -1.0, 0.0, 1.0, 1000.0], &Default::default());
         let y: Vec<f32> = softplus(x).into_data().to_vec().unwrap();
         let want = [
             0.0,

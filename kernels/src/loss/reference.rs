@@ -1,6 +1,6 @@
 //! Composite default of [`super::LossBackend`]: the per-row forward of [`super::preference_loss`]
 //! and the hand-derived closed-form backward (module docs of [`super`], "Gradient"), as plain
-//! tensor ops. Used by backends without CubeCL (NdArray); the fused kernels are tested against
+//! tensor ops. Used by backends without CubeCL (burn-flex); the fused kernels are tested against
 //! it and against [`super::preference_loss`] differentiated by Burn's autodiff.
 //!
 //! Every step runs in the tensor's float dtype (f32 on all our backends).

@@ -1,6 +1,6 @@
 //! Parity tests of the preference loss op.
 //!
-//! For each backend (cpu = NdArray through the composite defaults of [`LossBackend`], wgpu = the
+//! For each backend (cpu = burn-flex through the composite defaults of [`LossBackend`], wgpu = the
 //! fused kernels on whatever adapter wgpu picks — Mesa lavapipe on a machine without a GPU —,
 //! cuda = the fused kernels, `#[ignore]`d without a GPU), each objective (WRPO, WRPO with label
 //! smoothing, SimPO-blend with γ, IPO-blend), K + 1 ∈ {1, 2, 4}, R ∈ {1, 3}, B ∈ {1, 5, 300 (two
@@ -25,27 +25,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::*;
-use crate::test_util::{base_seed, check, host, to_f64, Errors, Rng, Tol, FP32};
-
-/// Tolerance of the composite *oracle's* gradients (never the op's, which keeps [`FP32`]).
-///
-/// Loosened on cpu, reason: Burn's NdArray backend with its `simd` feature (on in every workspace
-/// build: `wrpo-models` enables it, and Cargo unifies features) computes `float_recip` with the
-/// x86 approximate reciprocal (macerator → `_mm256_rcp_ps`, relative error ≤ 1.5·2⁻¹²), and
-/// Burn's `log_sigmoid` backward is `… (1 − 1/z)` with `z ∈ [1, 2]`: an absolute error of up to
-/// 3.7e-4 in σ, i.e. up to 3.7e-4·β in a per-pair gradient (× α/K, 1−α or 1, × 1/|y| ≤ 1). Only
-/// elements that take the SIMD path are affected, which depends on buffer alignment, so it shows
-/// in some runs and not others. `cargo test -p wrpo-kernels` alone builds NdArray without `simd`.
-fn oracle_grad_tol(backend: &str, cfg: &LossConfig) -> Tol {
-    if backend == "cpu" {
-        Tol {
-            atol: FP32.atol + 1.5 * 2f64.powi(-12) * cfg.beta,
-            rtol: FP32.rtol,
-        }
-    } else {
-        FP32
-    }
-}
+use crate::test_util::{base_seed, check, host, to_f64, Errors, Rng, FP32};
 
 // ---------------------------------------------------------------------------------------------
 // Cases.
@@ -526,7 +506,9 @@ fn parity_case<B: LossBackend>(
     let fused = run_autodiff::<B>(&cfg, &x, device, preference_loss_fused);
     let composite = run_autodiff::<B>(&cfg, &x, device, preference_loss);
     let pairs = b * r;
-    let oracle_tol = oracle_grad_tol(backend, &cfg);
+    // The oracle's gradients are held to fp32 on every backend too (NdArray, the cpu backend
+    // until 2026-12, needed 1.5·2⁻¹²·β more: its SIMD reciprocal in Burn's `log_sigmoid`
+    // backward).
     for (path, got) in [("fused", &fused), ("composite", &composite)] {
         let vs = |what: &str| tag(&format!("{path} {what} vs f64"));
         let errs = [
@@ -542,20 +524,19 @@ fn parity_case<B: LossBackend>(
                 FP32,
             ),
         ];
-        let gtol = if path == "fused" { FP32 } else { oracle_tol };
         let dc = check(
             &vs("policy_chosen gradient × B·R"),
             &per_pair(&got.d_chosen, pairs),
             &per_pair64(&want.d_chosen, pairs),
             &[b, k1],
-            gtol,
+            FP32,
         );
         let dr = check(
             &vs("policy_rejected gradient × B·R"),
             &per_pair(&got.d_rejected, pairs),
             &per_pair64(&want.d_rejected, pairs),
             &[b, r],
-            gtol,
+            FP32,
         );
         if path == "fused" {
             errs.into_iter().for_each(|e| worst.fwd(e));
@@ -605,14 +586,14 @@ fn parity_case<B: LossBackend>(
         &per_pair(&fused.d_chosen, pairs),
         &to_f64(&per_pair(&composite.d_chosen, pairs)),
         &[b, k1],
-        oracle_tol,
+        FP32,
     );
     check(
         &vs("policy_rejected gradient × B·R"),
         &per_pair(&fused.d_rejected, pairs),
         &to_f64(&per_pair(&composite.d_rejected, pairs)),
         &[b, r],
-        oracle_tol,
+        FP32,
     );
 
     // The first step's gradient, spelled out: σ(0) = ½, not 1.
@@ -745,7 +726,7 @@ macro_rules! parity_tests {
 
 mod cpu {
     use super::*;
-    type B = burn::backend::NdArray<f32>;
+    type B = burn::backend::Flex;
     parity_tests!("cpu", B, Default::default());
 }
 
