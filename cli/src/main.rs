@@ -31,6 +31,7 @@ enum Command {
     ///
     /// Without --model: the built-in tiny LLaMA learns the bundled dataset (about a minute on a
     /// CPU). Settings come from the authors' WRPO defaults, then --config FILE (YAML), then flags.
+    #[command(allow_negative_numbers = true)]
     Train(Box<train::TrainCmd>),
     /// Supervised fine-tuning of the target (WRPO stage one: Target-SFT on the best source
     /// responses).
@@ -40,6 +41,7 @@ enum Command {
     /// `train`; defaults: the authors' SFT (lr 7e-6, cosine, warm-up 10 %, 1 epoch), loss on
     /// completion tokens (`--completion-only false`: all tokens). Without --model: the built-in
     /// tiny LLaMA on the bundled rows.
+    #[command(allow_negative_numbers = true)]
     Sft(Box<train::TrainCmd>),
     /// Per-sequence completion log-probs of WRPO rows under a model (one JSON line per row).
     ///
@@ -48,6 +50,7 @@ enum Command {
     /// Sample N responses per prompt from a LLaMA (KV cache; temperature, top-p, top-k; seeded).
     ///
     /// Without --model: the built-in tiny LLaMA on the bundled dataset's prompts.
+    #[command(allow_negative_numbers = true)]
     Sample(Box<sample::SampleCmd>),
     /// Score (prompt, response) pairs with a LlamaForSequenceClassification reward model.
     Score(score::ScoreCmd),
@@ -575,7 +578,9 @@ fn probe_memory(backend: &str, shape: [usize; 3], seed: u64, path: &str) -> Resu
 }
 
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
-    use wrpo_engine_core::bench::{bench_attention, bench_logprobs, bench_loss, peak_memory};
+    use wrpo_engine_core::bench::{
+        bench_attention, bench_logprobs, bench_loss, peak_memory, MemoryProbe,
+    };
     if let Some(path) = &a.memory_probe {
         let selected = select(a.backend.backend)?;
         let [shape] = a.shapes[..] else {
@@ -596,11 +601,57 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         BackendChoice::Cpu => "cpu",
     };
     let selected = device(a.backend.backend)?;
+    let label = selected.to_string();
+    let limit =
+        dispatch!(selected.clone(), B, device => <B as MemoryProbe>::max_buffer_bytes(&device));
+    let mib = |b: u64| b as f64 / 1048576.0;
     let shapes = if a.shapes.is_empty() {
-        vec![[8, 256, 128256]]
+        // The default case, shrunk (fewer sequences, then fewer tokens) to the device's largest
+        // buffer: the [N, T, V] logits and their gradient are single buffers.
+        let [mut n, mut t, v] = [8usize, 256, 128256];
+        if let Some(limit) = limit {
+            while (n * t * v * 4) as u64 > limit && (n > 1 || t > 1) {
+                if n > 1 {
+                    n /= 2
+                } else {
+                    t /= 2
+                }
+            }
+            if [n, t] != [8, 256] {
+                eprintln!(
+                    "note: the default case 8,256,{v} needs {:.0} MiB buffers and {label} allows at most {:.0} MiB: running {n},{t},{v}",
+                    mib(8 * 256 * v as u64 * 4),
+                    mib(limit)
+                );
+            }
+        }
+        vec![[n, t, v]]
     } else {
         a.shapes.clone()
     };
+    if let Some(limit) = limit {
+        for s in &shapes {
+            let need = (s[0] as u64)
+                .saturating_mul(s[1] as u64)
+                .saturating_mul(s[2] as u64)
+                .saturating_mul(4);
+            anyhow::ensure!(
+                need <= limit,
+                "--shape {},{},{}: the [N, T, V] logits need a {:.0} MiB buffer and {label} allows at most {:.0} MiB; use a smaller N·T·V (at most {} elements)",
+                s[0], s[1], s[2], mib(need), mib(limit), limit / 4
+            );
+        }
+        for s in &a.attention {
+            let need = [s[0], s[1], s[3], s[3], 4]
+                .iter()
+                .fold(1u64, |p, &x| p.saturating_mul(x as u64));
+            anyhow::ensure!(
+                need <= limit,
+                "--attention {},{},{},{},{}: the dense reference's [B, NH, T, T] scores need a {:.0} MiB buffer and {label} allows at most {:.0} MiB; use a smaller B·NH·T²",
+                s[0], s[1], s[2], s[3], s[4], mib(need), mib(limit)
+            );
+        }
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -611,7 +662,6 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         "seed: {seed}; {} warm-up + {} timed runs per path",
         a.warmup, a.reps
     );
-    let label = selected.to_string();
     if !a.json {
         println!(
             "{:>20} {:>9} {:>12} {:>12} {:>9} {:>11} {:>10} {:>10}",

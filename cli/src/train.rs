@@ -114,9 +114,14 @@ impl DistArgs {
                 idx.push(i);
             }
         }
+        // Bounded so that deadlines (now + timeout) cannot overflow the clock.
+        const MAX_TIMEOUT_S: f64 = 30.0 * 24.0 * 3600.0;
         anyhow::ensure!(
-            self.collective_timeout.is_finite() && self.collective_timeout > 0.0,
-            "--collective-timeout must be a positive number of seconds"
+            self.collective_timeout.is_finite()
+                && self.collective_timeout > 0.0
+                && self.collective_timeout <= MAX_TIMEOUT_S,
+            "--collective-timeout {}: must be a number of seconds in (0, {MAX_TIMEOUT_S}] (30 days)",
+            self.collective_timeout
         );
         let world = World {
             nodes: self.nodes,
@@ -207,7 +212,10 @@ pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
         );
         let on: &mut dyn FnMut(Event) = &mut |e| view.event(e);
         dispatch!(selected, B, device => {
-            let devices: Vec<_> = idx.iter().map(|&i| device.nth(i)).collect();
+            let devices = idx
+                .iter()
+                .map(|&i| device.nth(i))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             match recipe {
                 Recipe::Train => run_train_parallel::<B>(&job, &world, &devices, on),
                 Recipe::Sft => run_sft_parallel::<B>(&job, &world, &devices, on),

@@ -204,33 +204,66 @@ fn wgpu_adapter(allow_cpu: bool) -> Option<(burn::backend::wgpu::WgpuDevice, Str
     None
 }
 
-/// The `i`-th device of the same kind (for `--devices cuda:0,cuda:1`); the CPU and a software
-/// wgpu adapter have one device, which several peers then share.
+/// The `i`-th device of the same kind (for `--devices cuda:0,cuda:1`), checked against the
+/// devices that exist: a CUDA index must answer a probe, a hardware wgpu index must be below the
+/// number of adapters of that type. The CPU and a software wgpu adapter have one device, which
+/// several peers then share (any index names it).
 pub trait NthDevice: Sized {
-    /// Device `i` of this kind.
-    fn nth(&self, i: usize) -> Self;
+    /// Device `i` of this kind, or an error naming `--devices` and the devices there are.
+    fn nth(&self, i: usize) -> Result<Self>;
 }
 
 impl NthDevice for burn::backend::cuda::CudaDevice {
-    fn nth(&self, i: usize) -> Self {
-        burn::backend::cuda::CudaDevice::new(i)
-    }
-}
-
-impl NthDevice for burn::backend::wgpu::WgpuDevice {
-    fn nth(&self, i: usize) -> Self {
-        use burn::backend::wgpu::WgpuDevice as W;
-        match self {
-            W::DiscreteGpu(_) => W::DiscreteGpu(i),
-            W::IntegratedGpu(_) => W::IntegratedGpu(i),
-            W::VirtualGpu(_) => W::VirtualGpu(i),
-            other => other.clone(),
+    fn nth(&self, i: usize) -> Result<Self> {
+        let device = burn::backend::cuda::CudaDevice::new(i);
+        let probe = quietly(|| {
+            let t = burn::tensor::Tensor::<CudaBackend, 1>::from_floats([1.0f32], &device);
+            t.into_data()
+                .to_vec::<f32>()
+                .map(|v| v[0])
+                .unwrap_or(f32::NAN)
+        });
+        match probe {
+            Some(1.0) => Ok(device),
+            _ => bail!("--devices cuda:{i}: no usable CUDA device {i} (`nvidia-smi -L` lists the devices; indices start at 0)"),
         }
     }
 }
 
-impl NthDevice for burn::backend::flex::FlexDevice {
-    fn nth(&self, _: usize) -> Self {
-        *self
+impl NthDevice for burn::backend::wgpu::WgpuDevice {
+    fn nth(&self, i: usize) -> Result<Self> {
+        use burn::backend::wgpu::WgpuDevice as W;
+        let (kind, make): (wgpu::DeviceType, fn(usize) -> W) = match self {
+            W::DiscreteGpu(_) => (wgpu::DeviceType::DiscreteGpu, W::DiscreteGpu),
+            W::IntegratedGpu(_) => (wgpu::DeviceType::IntegratedGpu, W::IntegratedGpu),
+            W::VirtualGpu(_) => (wgpu::DeviceType::VirtualGpu, W::VirtualGpu),
+            other => return Ok(other.clone()),
+        };
+        let n = wgpu_adapter_count(kind);
+        if i >= n {
+            bail!("--devices wgpu:{i}: this machine has {n} wgpu adapter(s) of type {kind:?} (indices 0..{n})");
+        }
+        Ok(make(i))
     }
+}
+
+impl NthDevice for burn::backend::flex::FlexDevice {
+    fn nth(&self, _: usize) -> Result<Self> {
+        Ok(*self)
+    }
+}
+
+/// How many adapters of type `kind` the graphics API Burn uses here reports.
+fn wgpu_adapter_count(kind: wgpu::DeviceType) -> usize {
+    #[cfg(target_os = "macos")]
+    let backends = wgpu::Backends::METAL;
+    #[cfg(not(target_os = "macos"))]
+    let backends = wgpu::Backends::VULKAN;
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    quietly(|| pollster::block_on(instance.enumerate_adapters(backends))).map_or(0, |a| {
+        a.iter()
+            .filter(|a| a.get_info().device_type == kind)
+            .count()
+    })
 }

@@ -37,6 +37,11 @@ pub trait MemoryProbe: Backend {
     fn reserved_bytes(_device: &Self::Device) -> Option<u64> {
         None
     }
+    /// The largest single buffer the device can allocate, if it has such a limit (wgpu
+    /// adapters: `max_storage_buffer_binding_size`; under 256 MiB on Mesa lavapipe).
+    fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
 }
 
 impl MemoryProbe for crate::backend::CpuBackend {}
@@ -53,6 +58,9 @@ where
             .memory_usage()
             .ok()
             .map(|m| m.bytes_reserved)
+    }
+    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
+        Some(R::client(device).properties().memory.max_page_size)
     }
 }
 

@@ -111,8 +111,8 @@ impl LlamaConfig {
     /// Parse and validate a `config.json` text. Errors are plain messages; the caller adds the path.
     pub fn from_json(text: &str) -> Result<Self, String> {
         let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let hf: HfLlamaConfig =
-            serde_json::from_value(raw.clone()).map_err(|e| format!("not a LLaMA config: {e}"))?;
+        let hf: HfLlamaConfig = serde_path_to_error::deserialize(raw.clone())
+            .map_err(|e| format!("not a LLaMA config: field `{}`: {}", e.path(), e.inner()))?;
         Self::resolve(hf, raw)
     }
 
@@ -134,6 +134,24 @@ impl LlamaConfig {
         if hf.attention_bias || hf.mlp_bias {
             return Err("attention_bias / mlp_bias = true are not supported".into());
         }
+        for (field, v) in [
+            ("vocab_size", hf.vocab_size),
+            ("hidden_size", hf.hidden_size),
+            ("intermediate_size", hf.intermediate_size),
+            ("num_hidden_layers", hf.num_hidden_layers),
+            ("num_attention_heads", hf.num_attention_heads),
+            ("max_position_embeddings", hf.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{field} must be at least 1 (got 0)"));
+            }
+        }
+        if !(hf.rms_norm_eps.is_finite() && hf.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps must be a finite number ≥ 0 (got {})",
+                hf.rms_norm_eps
+            ));
+        }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
@@ -144,6 +162,12 @@ impl LlamaConfig {
         let head_dim = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads);
+        if head_dim == 0 {
+            return Err(format!(
+                "head_dim is 0 (hidden_size {} / num_attention_heads {}); set head_dim or fewer heads",
+                hf.hidden_size, hf.num_attention_heads
+            ));
+        }
         if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
@@ -156,6 +180,11 @@ impl LlamaConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10000.0);
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(format!(
+                "rope_theta must be a positive number (got {rope_theta})"
+            ));
+        }
         let scaling = hf.rope_scaling.as_ref().filter(|v| !v.is_null()).or(params);
         let rope = match scaling {
             None => RopeKind::Default,
@@ -266,5 +295,56 @@ mod tests {
         .unwrap();
         assert_eq!(c.rope, RopeKind::Linear { factor: 2.0 });
         assert_eq!(c.rope_theta, 500.0);
+    }
+
+    #[test]
+    fn zero_and_bad_dimensions_name_the_field() {
+        let base = serde_json::json!({"vocab_size":10,"hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2});
+        for (field, value, want) in [
+            ("vocab_size", serde_json::json!(0), "vocab_size"),
+            ("hidden_size", serde_json::json!(0), "hidden_size"),
+            (
+                "intermediate_size",
+                serde_json::json!(0),
+                "intermediate_size",
+            ),
+            (
+                "num_hidden_layers",
+                serde_json::json!(0),
+                "num_hidden_layers",
+            ),
+            (
+                "num_attention_heads",
+                serde_json::json!(0),
+                "num_attention_heads",
+            ),
+            ("num_attention_heads", serde_json::json!(16), "head_dim"),
+            (
+                "num_key_value_heads",
+                serde_json::json!(0),
+                "num_key_value_heads",
+            ),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "num_key_value_heads",
+            ),
+            ("head_dim", serde_json::json!(0), "head_dim"),
+            ("head_dim", serde_json::json!(3), "head_dim"),
+            (
+                "max_position_embeddings",
+                serde_json::json!(0),
+                "max_position_embeddings",
+            ),
+            ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps"),
+            ("rope_theta", serde_json::json!(0.0), "rope_theta"),
+            ("vocab_size", serde_json::json!(-3), "vocab_size"),
+        ] {
+            let mut v = base.clone();
+            v[field] = value.clone();
+            let e = LlamaConfig::from_json(&v.to_string()).unwrap_err();
+            assert!(e.contains(want), "{field} = {value}: {e}");
+        }
     }
 }

@@ -98,7 +98,10 @@ impl World {
                 gate: String::new(),
             });
         }
-        let orch = self.orchestrator.as_deref().expect("validated");
+        let orch = self
+            .orchestrator
+            .as_deref()
+            .context("--nodes > 1 needs --orchestrator HOST:PORT")?;
         let (host, port) = split_host_port(orch)?;
         let data_port = match self.data_port {
             Some(p) => p,

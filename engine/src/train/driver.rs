@@ -83,6 +83,77 @@ pub trait Recipe<B: Backend> {
     fn evaluate(&mut self, _params: &Flat<B>, _done: usize) -> Option<Map<String, Value>> {
         None
     }
+
+    /// A fingerprint of the training units' token ids (see [`fingerprint`]), saved in every
+    /// checkpoint: `--resume` refuses data that differs from the checkpoint's.
+    fn fingerprint(&self) -> String;
+}
+
+/// Take the output folder's lock file (`OUTPUT/.wrpo-engine.lock`), or fail if another run
+/// holds it.
+fn lock_output(output: &Path) -> Result<std::fs::File> {
+    let path = output.join(".wrpo-engine.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating the lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "--output {}: another run is writing there (it holds {}); wait for it to finish or choose another --output",
+            output.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// A fresh run (no `--resume`) into a folder that holds an earlier run's `checkpoint-STEP`
+/// folders, `final` model or `metrics.jsonl`: move them into `OUTPUT/earlier-run-N/` (the first
+/// unused N) and return that folder; nothing is deleted.
+fn set_aside_earlier_run(output: &Path) -> Result<Option<PathBuf>> {
+    let earlier: Vec<PathBuf> = std::fs::read_dir(output)
+        .with_context(|| format!("listing {}", output.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name == "final"
+                || name == "metrics.jsonl"
+                || name
+                    .strip_prefix("checkpoint-")
+                    .is_some_and(|n| n.parse::<u64>().is_ok())
+        })
+        .map(|e| e.path())
+        .collect();
+    if earlier.is_empty() {
+        return Ok(None);
+    }
+    let aside = (1..)
+        .map(|n| output.join(format!("earlier-run-{n}")))
+        .find(|p| !p.exists())
+        .expect("an unused name");
+    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    for p in earlier {
+        let to = aside.join(p.file_name().expect("a named entry"));
+        std::fs::rename(&p, &to)
+            .with_context(|| format!("moving {} to {}", p.display(), to.display()))?;
+    }
+    Ok(Some(aside))
+}
+
+/// SHA-256 (hex) of token-id sequences, each prefixed by its length, in order.
+pub fn fingerprint<'s>(seqs: impl IntoIterator<Item = &'s [u32]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for ids in seqs {
+        h.update((ids.len() as u64).to_le_bytes());
+        ids.iter().for_each(|x| h.update(x.to_le_bytes()));
+    }
+    format!("{:x}", h.finalize())
 }
 
 /// The setup both recipes share: the job, the policy's source, config and tokenizer, the encoding
@@ -132,7 +203,7 @@ impl<'a> Setup<'a> {
     /// The plan over `units` (rows or packed sequences); the writing peer creates the output
     /// folder.
     pub fn plan<B: Backend>(&self, units: usize, peer: &Peer<B>) -> Result<Plan> {
-        let plan = Plan::new(&self.job.cfg, units, peer.world().size());
+        let plan = Plan::new(&self.job.cfg, units, peer.world().size())?;
         let output = &self.job.paths.output;
         if peer.writes() {
             std::fs::create_dir_all(output)
@@ -156,6 +227,21 @@ pub fn run<B: Backend, R: Recipe<B>>(
     // ---- setup: optimizer, resume, outputs ----------------------------------------------------
     let (cfg, paths) = (&setup.job.cfg, &setup.job.paths);
     let (writes, world_size) = (peer.writes(), peer.world().size());
+    // One run per output folder: an advisory lock, held until this function returns and released
+    // by the OS if the process dies (so a killed run can still be resumed).
+    let _lock = match writes {
+        true => Some(lock_output(&paths.output)?),
+        false => None,
+    };
+    if writes && paths.resume.is_none() {
+        if let Some(aside) = set_aside_earlier_run(&paths.output)? {
+            on(Event::Note(format!(
+                "{} held an earlier run (checkpoints, final model or metrics), moved to {} so that it cannot mix with this one under --resume latest or checkpoint rotation",
+                paths.output.display(),
+                aside.display()
+            )));
+        }
+    }
     let adamw = AdamW {
         beta1: cfg.adam_beta1,
         beta2: cfg.adam_beta2,
@@ -164,9 +250,19 @@ pub fn run<B: Backend, R: Recipe<B>>(
     };
     let mut opt = AdamState::new(&params);
     let (mut start, mut history) = (0usize, Vec::<Value>::new());
+    let data_fingerprint = recipe.fingerprint();
     if let Some(dir) = resume_dir(paths)? {
         let r = state::load_checkpoint(&dir, &params, device)?;
         check_resume(&r.state, cfg, &setup.source, plan, world_size)?;
+        if let Some(f) = &r.state.data_fingerprint {
+            if *f != data_fingerprint {
+                bail!(
+                    "--resume: the training data differs from the checkpoint's ({} holds a run on {}: other rows, tokenizer, template or truncation give other token ids); resume with the same data, or start a fresh run into another --output",
+                    dir.display(),
+                    r.state.data
+                );
+            }
+        }
         (params, opt, start, history) = (
             r.params,
             r.opt,
@@ -202,6 +298,7 @@ pub fn run<B: Backend, R: Recipe<B>>(
         config: cfg.clone(),
         log_history: history.to_vec(),
         world_size: world_size as u64,
+        data_fingerprint: Some(data_fingerprint.clone()),
     };
     on(Event::Started {
         plan,

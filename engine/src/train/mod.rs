@@ -302,6 +302,14 @@ struct Wrpo<'a, B: KernelBackend> {
 }
 
 impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
+    fn fingerprint(&self) -> String {
+        driver::fingerprint(self.rows.iter().flat_map(|r| {
+            std::iter::once(r.prompt.as_slice())
+                .chain(r.chosen.iter().map(Vec::as_slice))
+                .chain(r.rejected.iter().map(Vec::as_slice))
+        }))
+    }
+
     fn begin(&mut self, s: usize, total: usize, _ids: &[usize]) {
         self.alpha = self.cfg.alpha_at(s, total);
         self.loss_cfg = loss_config(self.cfg, self.alpha);

@@ -3,10 +3,11 @@
 //! a later run with the same reference weights and the same token ids finds the table and never
 //! loads the reference. `--ref-logps FILE` takes the `logps` command's output instead.
 //!
-//! The key is a SHA-256 of the reference model's identity (folder path, `config.json`, and the
-//! size and modification time of each weight file — hashing gigabytes of weights would cost more
-//! than it saves) and of every row's token ids, so any change of data, tokenizer, template or
-//! truncation gives a new key.
+//! The key is a SHA-256 of the reference model (its `config.json` and the bytes of every
+//! `*.safetensors` file; reading the weights once costs seconds against an hours-long run and is
+//! the only way to notice weights replaced in place, whatever their size and mtime) and of every
+//! row's token ids, so any change of weights, data, tokenizer, template or truncation gives a new
+//! key. A table is checked against its rows when read: one value per response, all finite.
 
 use std::io::Read;
 use std::path::Path;
@@ -23,32 +24,30 @@ use crate::model::ModelSource;
 /// Cache key of `rows` scored by `source`.
 pub fn key(source: &ModelSource, rows: &[Encoded]) -> Result<String> {
     let mut h = Sha256::new();
-    h.update(b"wrpo-engine ref-logps v1\n");
+    h.update(b"wrpo-engine ref-logps v2\n");
     match source {
         ModelSource::Embedded => {
             h.update(format!("embedded seed {}\n", crate::embedded::SEED));
         }
         ModelSource::Dir(d) => {
-            let canon = d.canonicalize().unwrap_or_else(|_| d.clone());
-            h.update(canon.to_string_lossy().as_bytes());
             let mut cfg = String::new();
             std::fs::File::open(d.join("config.json"))
                 .and_then(|mut f| f.read_to_string(&mut cfg))
                 .with_context(|| format!("reading {}/config.json", d.display()))?;
             h.update(cfg.as_bytes());
-            let mut files: Vec<_> = std::fs::read_dir(d)?
+            let mut files: Vec<_> = std::fs::read_dir(d)
+                .with_context(|| format!("listing {}", d.display()))?
                 .filter_map(|e| e.ok())
                 .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
                 .collect();
             files.sort_by_key(|e| e.file_name());
             for f in files {
-                let m = f.metadata()?;
-                let mtime = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                h.update(format!("{:?} {} {mtime}\n", f.file_name(), m.len()));
+                let path = f.path();
+                let mut file = std::fs::File::open(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                h.update(format!("{:?}\n", f.file_name()).as_bytes());
+                std::io::copy(&mut file, &mut h)
+                    .with_context(|| format!("reading {}", path.display()))?;
             }
         }
     }
@@ -160,28 +159,61 @@ pub fn store(path: &Path, table: &[RowLogps]) -> Result<()> {
     Ok(())
 }
 
-/// A stored table for `rows`, if there is one (a malformed file is ignored and recomputed).
+/// The stored table for `rows`, if there is one. A file that is there but is not a table of
+/// these rows (not JSON, another row count, a list of the wrong length, a non-finite value) is an
+/// error naming the file and the row: it was not written by this engine for this key.
 pub fn load(path: &Path, rows: &[Encoded]) -> Result<Option<Vec<RowLogps>>> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(None);
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let Ok(s) = serde_json::from_str::<Stored>(&text) else {
-        return Ok(None);
-    };
+    let fix = "delete it and the table is recomputed";
+    let s: Stored = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a reference log-prob table ({fix})", path.display()))?;
     if s.chosen.len() != rows.len() || s.rejected.len() != rows.len() {
-        return Ok(None);
+        bail!(
+            "{}: {}/{} rows of chosen/rejected values, the data has {} rows ({fix})",
+            path.display(),
+            s.chosen.len(),
+            s.rejected.len(),
+            rows.len()
+        );
     }
-    Ok(Some(
-        rows.iter()
-            .zip(s.chosen.into_iter().zip(s.rejected))
-            .map(|(r, (chosen, rejected))| RowLogps {
+    rows.iter()
+        .zip(s.chosen.into_iter().zip(s.rejected))
+        .enumerate()
+        .map(|(i, (r, (chosen, rejected)))| {
+            check_shape(r, &chosen, &rejected)
+                .with_context(|| format!("{}: row {} ({fix})", path.display(), i + 1))?;
+            Ok(RowLogps {
                 chosen,
                 rejected,
                 chosen_tokens: r.chosen.iter().map(Vec::len).collect(),
                 rejected_tokens: r.rejected.iter().map(Vec::len).collect(),
             })
-            .collect(),
-    ))
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// One finite value per chosen and per rejected response of `row`.
+fn check_shape(row: &Encoded, chosen: &[f64], rejected: &[f64]) -> Result<()> {
+    for (field, got, want) in [
+        ("chosen", chosen, row.chosen.len()),
+        ("rejected", rejected, row.rejected.len()),
+    ] {
+        if got.len() != want {
+            bail!(
+                "field `{field}`: {} values, the row has {want} {field} responses",
+                got.len()
+            );
+        }
+        if let Some(j) = got.iter().position(|x| !x.is_finite()) {
+            bail!("field `{field}`: value {j} is {} (must be finite)", got[j]);
+        }
+    }
+    Ok(())
 }
 
 /// Read the `logps` command's output for `rows`: record `k` belongs to the `k`-th row of the data
@@ -232,6 +264,8 @@ pub fn read_logps_file(
                     path.display()
                 );
             }
+            check_shape(row, &chosen, &rejected)
+                .with_context(|| format!("{}:{line}", path.display()))?;
             Ok(RowLogps {
                 chosen,
                 rejected,

@@ -24,28 +24,50 @@ pub struct Plan {
 impl Plan {
     /// The plan of `cfg` over `rows` rows with `peers` data-parallel peers (devices × nodes; 1
     /// without data parallelism). Updates, and so the α and LR schedules, count global updates.
-    pub fn new(cfg: &TrainConfig, rows: usize, peers: usize) -> Self {
-        let per_peer = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
-        let global_batch = per_peer * peers.max(1);
+    /// Sizes whose products overflow are an error naming the settings.
+    pub fn new(cfg: &TrainConfig, rows: usize, peers: usize) -> anyhow::Result<Self> {
+        let per_peer = cfg
+            .per_device_train_batch_size
+            .checked_mul(cfg.gradient_accumulation_steps)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "per_device_train_batch_size ({}) × gradient_accumulation_steps ({}) must be between 1 and {}",
+                    cfg.per_device_train_batch_size,
+                    cfg.gradient_accumulation_steps,
+                    usize::MAX
+                )
+            })?;
+        let global_batch = per_peer.checked_mul(peers.max(1)).ok_or_else(|| {
+            anyhow::anyhow!("rows per update ({per_peer}) × {peers} data-parallel peers overflows")
+        })?;
         let updates_per_epoch = rows.div_ceil(global_batch).max(1);
         let total = if cfg.max_steps > 0 {
-            cfg.max_steps as usize
+            usize::try_from(cfg.max_steps)
+                .map_err(|_| anyhow::anyhow!("max_steps {} is too large", cfg.max_steps))?
         } else {
-            cfg.num_train_epochs * updates_per_epoch
+            cfg.num_train_epochs
+                .checked_mul(updates_per_epoch)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "num_train_epochs ({}) × {updates_per_epoch} updates per epoch overflows",
+                        cfg.num_train_epochs
+                    )
+                })?
         };
         let warmup = if cfg.warmup_steps > 0 {
             cfg.warmup_steps
         } else {
             (cfg.warmup_ratio * total as f64).ceil() as usize
         };
-        Plan {
+        Ok(Plan {
             rows,
             global_batch,
             per_peer,
             updates_per_epoch,
             total,
             warmup,
-        }
+        })
     }
 
     /// Epoch and position in the epoch of update `s` (0-based).
@@ -104,19 +126,29 @@ mod tests {
 
     #[test]
     fn plan_counts_updates_like_hf() {
-        let p = Plan::new(&cfg(2, 2, 2), 12, 1);
+        let p = Plan::new(&cfg(2, 2, 2), 12, 1).unwrap();
         assert_eq!((p.updates_per_epoch, p.total, p.warmup), (3, 6, 1)); // ceil(0.1·6) = 1
                                                                          // Two peers of the same per-device layout: twice the global batch, half the updates.
-        let p2 = Plan::new(&cfg(2, 2, 2), 12, 2);
+        let p2 = Plan::new(&cfg(2, 2, 2), 12, 2).unwrap();
         assert_eq!((p2.global_batch, p2.per_peer, p2.total), (8, 4, 4));
-        let p = Plan::new(&cfg(2, 2, 1), 13, 1); // partial last batch is an update
+        let p = Plan::new(&cfg(2, 2, 1), 13, 1).unwrap(); // partial last batch is an update
         assert_eq!(p.updates_per_epoch, 4);
         let mut c = cfg(2, 8, 1);
         c.max_steps = 311;
         c.warmup_steps = 0;
-        let p = Plan::new(&c, 100, 1);
+        let p = Plan::new(&c, 100, 1).unwrap();
         assert_eq!((p.total, p.warmup), (311, 32)); // authors: ≈311 steps, warm-up 10 %
         assert_eq!(p.locate(8), (1, 1));
+    }
+
+    #[test]
+    fn overflowing_sizes_are_errors_naming_the_settings() {
+        let e = Plan::new(&cfg(usize::MAX, 2, 1), 12, 1).unwrap_err();
+        assert!(e.to_string().contains("gradient_accumulation_steps"), "{e}");
+        let e = Plan::new(&cfg(usize::MAX / 2, 1, 1), 12, 3).unwrap_err();
+        assert!(e.to_string().contains("peers"), "{e}");
+        let e = Plan::new(&cfg(1, 1, usize::MAX), 12, 1).unwrap_err();
+        assert!(e.to_string().contains("num_train_epochs"), "{e}");
     }
 
     #[test]

@@ -305,6 +305,14 @@ struct Sft<'a, B: KernelBackend> {
 }
 
 impl<B: KernelBackend> Recipe<B> for Sft<'_, B> {
+    fn fingerprint(&self) -> String {
+        super::driver::fingerprint(
+            self.rows
+                .iter()
+                .flat_map(|r| [r.prompt.as_slice(), r.completion.as_slice()]),
+        )
+    }
+
     fn begin(&mut self, _s: usize, _total: usize, ids: &[usize]) {
         let (rows, completion_only) = (self.rows, self.cfg.completion_only);
         self.n_scored = ids

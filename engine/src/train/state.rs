@@ -37,6 +37,10 @@ pub struct TrainerState {
     /// batch, hence every update, depends on it). Absent in older checkpoints: 1.
     #[serde(default = "one")]
     pub world_size: u64,
+    /// SHA-256 of the training units' token ids (`driver::fingerprint`); `--resume` refuses
+    /// other data. Absent in older checkpoints (not checked then).
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
 }
 
 fn one() -> u64 {

@@ -1,0 +1,157 @@
+//! The output folder's contracts: one run at a time (a lock), an earlier run's files are moved
+//! aside rather than mixed with a fresh run's, and `--resume` refuses other data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wrpo-out-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `train` of the tied fixture model on `data` into `out`, with `extra` flags.
+fn train(out: &Path, data: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.args(["train", "--backend", "cpu", "--model"])
+        .arg(fixtures().join("llama-tied"))
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(out)
+        .args(extra);
+    c
+}
+
+fn rows(dir: &Path, name: &str, answer: &str) -> PathBuf {
+    let row =
+        format!(r#"{{"prompt": "1+1?", "chosen": ["{answer}", "Two."], "rejected": ["3."]}}"#);
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{row}\n{row}\n{row}\n{row}\n")).unwrap();
+    p
+}
+
+#[test]
+fn resume_refuses_other_data_with_the_same_row_count() {
+    let dir = tmp("fingerprint");
+    let (a, b) = (
+        rows(&dir, "a.jsonl", "2."),
+        rows(&dir, "b.jsonl", "It is 2."),
+    );
+    let out = dir.join("run");
+    let flags = [
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "2",
+    ];
+    let o = train(&out, &a, &flags).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train(&out, &b, &[&flags[..], &["--resume", "latest"]].concat())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("training data differs") && stderr(&o).contains("checkpoint-1"),
+        "{}",
+        stderr(&o)
+    );
+    // The same data resumes (the last update, then the final save).
+    let o = train(&out, &a, &[&flags[..], &["--resume", "latest"]].concat())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fresh_run_moves_an_earlier_run_aside() {
+    let dir = tmp("aside");
+    let data = rows(&dir, "a.jsonl", "2.");
+    let out = dir.join("run");
+    let flags = [
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "2",
+    ];
+    let o = train(&out, &data, &flags).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = std::fs::read(out.join("final/model.safetensors")).unwrap();
+    let o = train(&out, &data, &["--max-steps", "1"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("earlier-run-1"), "{}", stderr(&o));
+    let aside = out.join("earlier-run-1");
+    for f in ["checkpoint-1", "final", "metrics.jsonl"] {
+        assert!(aside.join(f).exists(), "{f} was not moved aside");
+    }
+    assert_eq!(
+        std::fs::read(aside.join("final/model.safetensors")).unwrap(),
+        first,
+        "the earlier final model is kept as it was"
+    );
+    assert!(
+        !out.join("checkpoint-1").exists(),
+        "the fresh run (1 update, no checkpoint) must not see the earlier checkpoint"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_run_into_the_same_output_refuses_while_the_first_runs() {
+    let dir = tmp("lock");
+    let data = rows(&dir, "a.jsonl", "2.");
+    let out = dir.join("run");
+    let mut first = train(&out, &data, &["--max-steps", "400", "--save-steps", "0"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The metrics file is opened after the lock is taken.
+    let t0 = std::time::Instant::now();
+    while !out.join("metrics.jsonl").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "the first run did not start writing"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = train(&out, &data, &["--max-steps", "1"]).output().unwrap();
+    let still_running = first.try_wait().unwrap().is_none();
+    if still_running {
+        assert!(!o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("another run"), "{}", stderr(&o));
+    } else {
+        println!("WARNING: the first run ended before the second started; lock not exercised");
+    }
+    first.kill().ok();
+    first.wait().unwrap();
+    // A killed run's lock is released by the OS: a resume or a new run proceeds.
+    let o = train(&out, &data, &["--max-steps", "1"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        still_running,
+        "the first run finished too fast to test the lock"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
