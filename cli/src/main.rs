@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Train a LLaMA with WRPO (or the DPO / SimPO / IPO baselines) on WRPO rows.
     ///
-    /// Without --model: the built-in tiny LLaMA learns the bundled dataset (about a minute on a
+    /// Without --model: the built-in tiny LLaMA learns the bundled dataset (a few seconds on a
     /// CPU). Settings come from the authors' WRPO defaults, then --config FILE (YAML), then flags.
     #[command(allow_negative_numbers = true)]
     Train(Box<train::TrainCmd>),

@@ -21,7 +21,7 @@ use crate::BackendArg;
 #[derive(Args)]
 pub struct TrainCmd {
     /// Hugging Face LLaMA folder to train (config.json, safetensors, tokenizer). Default: the
-    /// built-in tiny LLaMA with the bundled dataset and a preset that trains it in about a minute.
+    /// built-in tiny LLaMA with the bundled dataset and a preset that trains it in seconds.
     #[arg(long)]
     model: Option<PathBuf>,
     /// WRPO rows (JSON Lines or a JSON array): prompt, chosen = [K source responses…, target

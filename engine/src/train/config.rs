@@ -331,7 +331,7 @@ pub fn resolve(defaults: TrainConfig, file: Option<&Path>, cli: &TrainArgs) -> R
 }
 
 /// The settings of the embedded default (`train` without `--model`): the built-in tiny model
-/// learns its bundled arithmetic set within about a minute on a CPU. Applied over the authors'
+/// learns its bundled arithmetic set within seconds on a CPU. Applied over the authors'
 /// defaults and under any file or flag.
 pub fn embedded_preset() -> TrainArgs {
     TrainArgs {
