@@ -155,3 +155,111 @@ fn a_second_run_into_the_same_output_refuses_while_the_first_runs() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn checkpoints(out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with("checkpoint-").then_some(name)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn save_total_limit_removes_the_oldest_checkpoints() {
+    let dir = tmp("rotate");
+    let data = rows(&dir, "a.jsonl", "2.");
+    let out = dir.join("run");
+    let o = train(
+        &out,
+        &data,
+        &[
+            "--max-steps",
+            "5",
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Updates 1-4 write checkpoints (the 5th is the final model); the two newest are kept.
+    assert_eq!(checkpoints(&out), ["checkpoint-3", "checkpoint-4"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resume_refuses_changed_settings_and_names_them() {
+    let dir = tmp("settings");
+    let data = rows(&dir, "a.jsonl", "2.");
+    let out = dir.join("run");
+    let flags = ["--max-steps", "2", "--save-steps", "1"];
+    let o = train(&out, &data, &flags).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train(
+        &out,
+        &data,
+        &[&flags[..], &["--resume", "latest", "--beta", "0.2"]].concat(),
+    )
+    .output()
+    .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("settings differ") && e.contains("beta"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A learning rate of 1e30 with no warm-up blows the weights up in the first update, so the
+/// second update's loss is not finite: the run stops before applying it, exits non-zero, names
+/// the update and the last checkpoint, and that checkpoint is intact.
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tmp("nonfinite");
+    let data = rows(&dir, "a.jsonl", "2.");
+    let out = dir.join("run");
+    let o = train(
+        &out,
+        &data,
+        &[
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "1",
+            "--warmup-ratio",
+            "0",
+            "--lr-scheduler-type",
+            "constant",
+            "--learning-rate",
+            "1e30",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!o.status.success());
+    assert_ne!(o.status.code(), Some(101), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("non-finite") && e.contains("update 2") && e.contains("checkpoint-1"),
+        "{e}"
+    );
+    assert!(!e.contains("internal failure"), "{e}");
+    assert_eq!(checkpoints(&out), ["checkpoint-1"]);
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-1/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st["global_step"], 1);
+    assert!(out.join("checkpoint-1/model.safetensors").is_file());
+    assert!(
+        !out.join("final").exists(),
+        "no final model after a failed run"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
