@@ -119,10 +119,14 @@ fn a_second_run_into_the_same_output_refuses_while_the_first_runs() {
     let dir = tmp("lock");
     let data = rows(&dir, "a.jsonl", "2.");
     let out = dir.join("run");
-    let mut first = train(&out, &data, &["--max-steps", "400", "--save-steps", "0"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = train(
+        &out,
+        &data,
+        &["--max-steps", "1000000", "--save-steps", "0"],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     // The metrics file is opened after the lock is taken.
     let t0 = std::time::Instant::now();
     while !out.join("metrics.jsonl").exists() {
