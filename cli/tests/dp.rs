@@ -441,6 +441,12 @@ fn a_killed_orchestrator_stops_every_node_in_bounded_time() {
     let t0 = Instant::now();
     while !out.join("checkpoint-2").is_dir() {
         assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint-2");
+        for (rank, n) in nodes.iter_mut().enumerate() {
+            // A node that ended early (e.g. a data port taken between free_port() and its bind)
+            // fails here at once with its status instead of after the 300 s bound.
+            let status = n.0.try_wait().unwrap();
+            assert!(status.is_none(), "node {rank} ended early: {status:?}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     orch.0.kill().unwrap();

@@ -145,17 +145,36 @@ fn cuda() -> Result<Selected> {
         bail!("--backend cuda: no CUDA driver ({LIB}) found");
     }
     let device = burn::backend::cuda::CudaDevice::new(0);
+    if !cuda_answers(&device) {
+        bail!("--backend cuda: the CUDA driver loaded but device 0 could not be used (no GPU visible, or the driver is too old)");
+    }
+    Ok(Selected::Cuda(device))
+}
+
+/// Whether `device` round-trips a one-element tensor (a missing or broken device panics inside
+/// Burn; the panic is caught quietly).
+fn cuda_answers(device: &burn::backend::cuda::CudaDevice) -> bool {
     let probe = quietly(|| {
-        let t = burn::tensor::Tensor::<CudaBackend, 1>::from_floats([1.0f32], &device);
+        let t = burn::tensor::Tensor::<CudaBackend, 1>::from_floats([1.0f32], device);
         t.into_data()
             .to_vec::<f32>()
             .map(|v| v[0])
             .unwrap_or(f32::NAN)
     });
-    match probe {
-        Some(1.0) => Ok(Selected::Cuda(device)),
-        _ => bail!("--backend cuda: the CUDA driver loaded but device 0 could not be used (no GPU visible, or the driver is too old)"),
-    }
+    probe == Some(1.0)
+}
+
+/// The adapters of the graphics API Burn uses here (Metal on macOS, Vulkan elsewhere); none if
+/// enumerating them fails.
+fn wgpu_adapter_infos() -> Vec<wgpu::AdapterInfo> {
+    #[cfg(target_os = "macos")]
+    let backends = wgpu::Backends::METAL;
+    #[cfg(not(target_os = "macos"))]
+    let backends = wgpu::Backends::VULKAN;
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    quietly(|| pollster::block_on(instance.enumerate_adapters(backends)))
+        .map_or(vec![], |a| a.iter().map(|a| a.get_info()).collect())
 }
 
 /// Run `f`, turning a panic into `None` without printing it.
@@ -172,14 +191,7 @@ pub fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
 /// discrete, then integrated, then virtual GPUs; a CPU adapter only if `allow_cpu`.
 fn wgpu_adapter(allow_cpu: bool) -> Option<(burn::backend::wgpu::WgpuDevice, String)> {
     use burn::backend::wgpu::WgpuDevice;
-    #[cfg(target_os = "macos")]
-    let backends = wgpu::Backends::METAL;
-    #[cfg(not(target_os = "macos"))]
-    let backends = wgpu::Backends::VULKAN;
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = quietly(|| pollster::block_on(instance.enumerate_adapters(backends)))?;
-    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let infos = wgpu_adapter_infos();
     let find = |t: wgpu::DeviceType| {
         infos
             .iter()
@@ -216,16 +228,9 @@ pub trait NthDevice: Sized {
 impl NthDevice for burn::backend::cuda::CudaDevice {
     fn nth(&self, i: usize) -> Result<Self> {
         let device = burn::backend::cuda::CudaDevice::new(i);
-        let probe = quietly(|| {
-            let t = burn::tensor::Tensor::<CudaBackend, 1>::from_floats([1.0f32], &device);
-            t.into_data()
-                .to_vec::<f32>()
-                .map(|v| v[0])
-                .unwrap_or(f32::NAN)
-        });
-        match probe {
-            Some(1.0) => Ok(device),
-            _ => bail!("--devices cuda:{i}: no usable CUDA device {i} (`nvidia-smi -L` lists the devices; indices start at 0)"),
+        match cuda_answers(&device) {
+            true => Ok(device),
+            false => bail!("--devices cuda:{i}: no usable CUDA device {i} (`nvidia-smi -L` lists the devices; indices start at 0)"),
         }
     }
 }
@@ -239,7 +244,10 @@ impl NthDevice for burn::backend::wgpu::WgpuDevice {
             W::VirtualGpu(_) => (wgpu::DeviceType::VirtualGpu, W::VirtualGpu),
             other => return Ok(other.clone()),
         };
-        let n = wgpu_adapter_count(kind);
+        let n = wgpu_adapter_infos()
+            .iter()
+            .filter(|a| a.device_type == kind)
+            .count();
         if i >= n {
             bail!("--devices wgpu:{i}: this machine has {n} wgpu adapter(s) of type {kind:?} (indices 0..{n})");
         }
@@ -251,19 +259,4 @@ impl NthDevice for burn::backend::flex::FlexDevice {
     fn nth(&self, _: usize) -> Result<Self> {
         Ok(*self)
     }
-}
-
-/// How many adapters of type `kind` the graphics API Burn uses here reports.
-fn wgpu_adapter_count(kind: wgpu::DeviceType) -> usize {
-    #[cfg(target_os = "macos")]
-    let backends = wgpu::Backends::METAL;
-    #[cfg(not(target_os = "macos"))]
-    let backends = wgpu::Backends::VULKAN;
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    quietly(|| pollster::block_on(instance.enumerate_adapters(backends))).map_or(0, |a| {
-        a.iter()
-            .filter(|a| a.get_info().device_type == kind)
-            .count()
-    })
 }
