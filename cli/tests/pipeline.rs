@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{json, Value};
+use wrpo_tests::{assert_close, tol};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
@@ -190,9 +191,10 @@ fn score_matches_transformers_and_names_bad_rows() {
     assert!(o.status.success(), "{}", stderr(&o));
     let got = lines(&out);
     assert_eq!(got.len(), rows.len());
+    // A reward model's score is a logit.
     let close = |a: &Value, b: &Value| {
         let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
-        assert!((a - b).abs() <= 5e-5 + 1e-5 * b.abs(), "{a} vs {b}");
+        assert_close("score", &[a], &[b], tol::LOGITS_F32);
     };
     for (g, p) in got.iter().zip(pairs) {
         close(&g["score"], &p["score"]);
@@ -391,9 +393,12 @@ fn sft_sample_score_build_dataset_train_chain() {
     }
     let steps = lines(&train_out.join("metrics.jsonl"));
     let first = steps.iter().find(|r| r.get("loss").is_some()).unwrap();
-    assert!(
-        (first["loss"].as_f64().unwrap() - 2f64.ln()).abs() < 1e-5,
-        "the first WRPO loss is log 2: the reference is the SFT model itself ({first})"
+    // The first WRPO loss is log 2: the reference is the SFT model itself.
+    assert_close(
+        &format!("first loss {first}"),
+        &[first["loss"].as_f64().unwrap()],
+        &[2f64.ln()],
+        tol::LOSS_AT_REFERENCE_F32,
     );
 
     // Errors: a target row with one sample; a missing score; both named with file:line:field,

@@ -229,7 +229,10 @@ pub fn load_checked<R>(
 /// Write `bytes` to `path` through `path.tmp` + rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp); // a partial file on a full disk
+        return Err(io(&tmp)(e));
+    }
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -271,8 +274,10 @@ pub fn save_hf<B: Backend>(
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let weights = dir.join("model.safetensors");
     let tmp = tmp_path(&weights);
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| invalid(&tmp, e.to_string()))?;
+    if let Err(e) = safetensors::serialize_to_file(views, Some(meta), &tmp) {
+        let _ = std::fs::remove_file(&tmp); // a partial file on a full disk
+        return Err(invalid(&tmp, format!("writing failed: {e}")));
+    }
     std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
     let mut raw = cfg.raw.clone();
     if let Some(obj) = raw.as_object_mut() {

@@ -39,7 +39,7 @@ CFG = dict(T.COMMON, learning_rate=2e-3, beta=0.01, alpha=0.1, is_dynamic=True, 
            logging_steps=1)
 
 
-def train(data):
+def train(data, completion_only=True):
     torch.manual_seed(CFG["seed"])
     policy = T.load_policy().train()
     B, G = CFG["per_device_train_batch_size"], CFG["gradient_accumulation_steps"]
@@ -55,7 +55,8 @@ def train(data):
     for _ in range(CFG["num_train_epochs"]):
         for u0 in range(0, len(data), per_update):
             glob = data[u0: u0 + per_update]
-            n_tok = sum(len(c) for _, c in glob)
+            # scored tokens: the completion's, or (completion_only False) every token after the first
+            n_tok = sum(len(c) if completion_only else len(p) + len(c) - 1 for p, c in glob)
             lr = sched.get_last_lr()[0]
             opt.zero_grad(set_to_none=True)
             nll_sum, correct = 0.0, 0
@@ -64,8 +65,9 @@ def train(data):
                 ids, mask = pad_batch([p + c for p, c in mb], T.PAD_ID)
                 labels = ids.clone()
                 labels[mask == 0] = -100
-                for i, (p, _) in enumerate(mb):
-                    labels[i, : len(p)] = -100
+                if completion_only:
+                    for i, (p, _) in enumerate(mb):
+                        labels[i, : len(p)] = -100
                 logits = policy(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :]
                 labels = labels[:, 1:]
                 valid = labels != -100
@@ -110,6 +112,22 @@ def main():
     assert json.loads(text)["steps"] == steps
     (OUT / "expected.json").write_text(text, encoding="utf-8")
     for x in steps:
+        print(x)
+
+    # The same run with the loss on every token (`completion_only: false`, TRL's
+    # completion_only_loss=False): prompt tokens are scored too.
+    full = OUT / "full_sequence"
+    full.mkdir()
+    fsteps, ffinal, ftotal, fW = train(data, completion_only=False)
+    assert [x["loss"] for x in fsteps] != [x["loss"] for x in steps]
+    assert any(x["grad_norm"] > CFG["max_grad_norm"] for x in fsteps), "clipping never active"
+    (full / "config.yaml").write_text((OUT / "config.yaml").read_text(encoding="utf-8")
+                                      + "completion_only: false\n", encoding="utf-8")
+    T.save_final(full / "final_model.safetensors", ffinal, tied=True)
+    head = dict(head, case="sft_full_sequence", total_steps=ftotal, warmup_steps=fW)
+    text = json.dumps(head)[:-1] + ',\n "steps": [\n' + ",\n".join("  " + json.dumps(x) for x in fsteps) + "\n ]\n}\n"
+    (full / "expected.json").write_text(text, encoding="utf-8")
+    for x in fsteps:
         print(x)
 
 

@@ -2,7 +2,8 @@
 //! `tests/reference/make_generate_fixture.py`), on the cpu backend and on wgpu:
 //! - greedy decoding with the KV cache reproduces `generate` token for token (left-padded batch
 //!   of five prompts of different lengths, two stop sets, other batch sizes, n > 1);
-//! - the KV-cache logits equal the full forward's at every step (teacher forcing);
+//! - the KV-cache logits equal the full forward's at every step (teacher forcing), also across
+//!   the cache's row edits (one prompt expanded into several samples, finished rows dropped);
 //! - reward-model scores of a tiny `LlamaForSequenceClassification`.
 
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
@@ -299,4 +300,111 @@ fn cuda_kv_cache_logits_equal_the_full_forward() {
 #[ignore = "needs CUDA (run with --ignored on a GPU machine)"]
 fn cuda_reward_scores_match_transformers() {
     reward_parity::<CudaBackend>(&cuda_device(), "cuda");
+}
+
+/// The KV cache's row edits (`select`: expand one prompt into several samples, drop finished
+/// rows) on a random GQA model with llama3 RoPE: every step's logits equal the full forward's.
+mod cache_edits {
+    use super::*;
+    use wrpo_models::{Llama, LlamaConfig};
+    type B = CpuBackend;
+
+    fn ids(v: Vec<i64>, b: usize, s: usize) -> Tensor<B, 2, Int> {
+        Tensor::from_data(TensorData::new(v, [b, s]), &Default::default())
+    }
+
+    /// Logits of one unpadded sequence by the full forward: `[T][V]`.
+    fn full(model: &Llama<B>, cfg: &LlamaConfig, seq: &[i64]) -> Vec<Vec<f32>> {
+        let t = seq.len();
+        let valid = Tensor::<B, 2, Bool>::from_data(
+            TensorData::new(vec![true; t], [1, t]),
+            &Default::default(),
+        );
+        let logits: Vec<f32> = model
+            .forward(cfg, ids(seq.to_vec(), 1, t), valid)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        logits.chunks(cfg.vocab_size).map(<[f32]>::to_vec).collect()
+    }
+
+    /// Left-padded prefill of prompts of different lengths, then forced tokens one step at a
+    /// time, with a cache expansion (one prompt → two rows) and a compaction on the way: every
+    /// step's logits equal the full forward of the unpadded sequence.
+    #[test]
+    fn cached_logits_equal_the_full_forward_at_every_step() {
+        // GQA (4 heads, 2 kv heads) and llama3 RoPE scaling, so positions matter.
+        let cfg = LlamaConfig::from_json(
+            r#"{"vocab_size":97,"hidden_size":32,"intermediate_size":48,"num_hidden_layers":2,
+                "num_attention_heads":4,"num_key_value_heads":2,"rope_theta":500000.0,
+                "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+                "high_freq_factor":4.0,"original_max_position_embeddings":8}}"#,
+        )
+        .unwrap();
+        let model = Llama::<B>::random(&cfg, 7, 0.3, &Default::default());
+        let prompts: Vec<Vec<i64>> = vec![
+            vec![5, 17, 42, 3, 9],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+            vec![60, 61],
+        ];
+        let t = prompts.iter().map(Vec::len).max().unwrap();
+        let (mut flat, mut valid) = (Vec::new(), Vec::new());
+        for p in &prompts {
+            flat.extend(std::iter::repeat_n(0, t - p.len()).chain(p.iter().copied()));
+            valid.extend((0..t).map(|j| j >= t - p.len()));
+        }
+        let mut cache = KvCache::<B>::new(&cfg, prompts.len());
+        let logits = model.forward_cached_last(&cfg, ids(flat, 3, t), &valid, &mut cache);
+        let (mut got_all, mut want_all) = (Vec::new(), Vec::new());
+        let mut check = |seqs: &[Vec<i64>], logits: Tensor<B, 2>| {
+            let got: Vec<f32> = logits.into_data().to_vec().unwrap();
+            for (row, seq) in seqs.iter().enumerate() {
+                let want = full(&model, &cfg, seq);
+                let g = &got[row * cfg.vocab_size..(row + 1) * cfg.vocab_size];
+                got_all.extend(g.iter().map(|&x| x as f64));
+                want_all.extend(want.last().unwrap().iter().map(|&x| x as f64));
+            }
+        };
+        let mut seqs = prompts.clone();
+        check(&seqs, logits);
+        assert_eq!(cache.positions(), &[5, 9, 2]);
+        // Row 2 becomes two rows (as `sample` expands a prompt into N samples); row 1 is dropped
+        // (as a finished row is).
+        cache.select(&[0, 2, 2]);
+        seqs = vec![seqs[0].clone(), seqs[2].clone(), seqs[2].clone()];
+        for step in 0..6i64 {
+            let next: Vec<i64> = (0..3).map(|r| (step * 13 + r * 29 + 11) % 97).collect();
+            for (s, &n) in seqs.iter_mut().zip(&next) {
+                s.push(n);
+            }
+            let logits = model.forward_cached_last(&cfg, ids(next, 3, 1), &[true; 3], &mut cache);
+            check(&seqs, logits);
+            if step == 2 {
+                cache.select(&[0, 2]);
+                seqs.remove(1);
+                let next: Vec<i64> = vec![4, 5];
+                for (s, &n) in seqs.iter_mut().zip(&next) {
+                    s.push(n);
+                }
+                let logits =
+                    model.forward_cached_last(&cfg, ids(next, 2, 1), &[true; 2], &mut cache);
+                check(&seqs, logits);
+                // Keep three rows for the remaining steps.
+                cache.select(&[0, 1, 1]);
+                seqs.push(seqs[1].clone());
+            }
+        }
+        // The same f32 computation with other padding and summation lengths: the logits'
+        // tolerance of the transformers parity tests (measured 4.1e-6).
+        let rep = assert_close(
+            "cpu cache edits: cached vs full logits",
+            &got_all,
+            &want_all,
+            tol::LOGITS_F32,
+        );
+        println!(
+            "KV cache with row edits vs full forward: max abs logit error {:.3e}",
+            rep.max_abs
+        );
+    }
 }

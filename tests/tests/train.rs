@@ -115,7 +115,11 @@ fn compare(label: &str, case: &str, summary: &TrainSummary, dir: &Path) {
 
 /// The SFT fixture's job (its config.yaml, rows and model) with `overrides`, writing to `out`.
 fn sft_job(out: &Path, overrides: &TrainArgs) -> TrainJob {
-    let dir = fixtures().join("sft");
+    sft_job_in(&fixtures().join("sft"), out, overrides)
+}
+
+/// An SFT job from the `config.yaml` in `dir` on the SFT fixture's rows and model.
+fn sft_job_in(dir: &Path, out: &Path, overrides: &TrainArgs) -> TrainJob {
     let defaults = TrainConfig {
         save_steps: 0,
         ..Default::default()
@@ -125,7 +129,7 @@ fn sft_job(out: &Path, overrides: &TrainArgs) -> TrainJob {
         cfg,
         paths: RunPaths {
             model: Some(fixtures().join("llama-tied")),
-            data: Some(dir.join("sft_rows.jsonl")),
+            data: Some(fixtures().join("sft").join("sft_rows.jsonl")),
             output: out.to_path_buf(),
             cache_dir: out.join("cache"),
             ..Default::default()
@@ -473,6 +477,23 @@ fn wgpu_padding_free_and_fused_head_match_padded_dense() {
 #[test]
 fn cpu_sft_trajectory_matches_pytorch() {
     sft_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+/// `completion_only: false` (the loss on the prompt tokens too) vs the same PyTorch trainer with
+/// the prompt labels kept.
+#[test]
+fn cpu_sft_full_sequence_loss_matches_pytorch() {
+    let dir = fixtures().join("sft").join("full_sequence");
+    let out = tmp("cpu-sft-full-sequence");
+    let job = sft_job_in(&dir, &out, &TrainArgs::default());
+    assert!(
+        !job.cfg.completion_only,
+        "{}: completion_only",
+        dir.display()
+    );
+    let summary = run_sft::<CpuBackend>(&job, &Default::default(), &mut |_| {}).unwrap();
+    compare("cpu", "sft full sequence", &summary, &dir);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

@@ -112,17 +112,21 @@ pub fn write_model_dir<B: Backend>(
             for f in TOKENIZER_FILES {
                 let from = src.join(f);
                 if from.is_file() {
-                    std::fs::copy(&from, dir.join(f))
-                        .with_context(|| format!("copying {}", from.display()))?;
+                    std::fs::copy(&from, dir.join(f)).with_context(|| {
+                        format!("copying {} into {}", from.display(), dir.display())
+                    })?;
                 }
             }
         }
         TokenizerFiles::Embedded => {
-            std::fs::write(dir.join("tokenizer.json"), crate::embedded::TOKENIZER_JSON)?;
-            std::fs::write(
-                dir.join("tokenizer_config.json"),
-                crate::embedded::TOKENIZER_CONFIG,
-            )?;
+            for (name, text) in [
+                ("tokenizer.json", crate::embedded::TOKENIZER_JSON),
+                ("tokenizer_config.json", crate::embedded::TOKENIZER_CONFIG),
+            ] {
+                let path = dir.join(name);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
     }
     Ok(())
@@ -150,13 +154,25 @@ pub fn write_dir_atomic(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    fill(&tmp)?;
+    let written = std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))
+        .and_then(|()| fill(&tmp));
+    if let Err(e) = written {
+        // A full disk or an unwritable folder: drop the partial copy (it would hold the space
+        // the next attempt needs); whatever `final_dir` held before stays as it was.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "writing {} (nothing there was changed)",
+            final_dir.display()
+        )));
+    }
     if final_dir.exists() {
         let old = parent.join(format!(".{name}.old{}", std::process::id()));
-        std::fs::rename(final_dir, &old)?;
-        std::fs::rename(&tmp, final_dir)?;
-        std::fs::remove_dir_all(&old)?;
+        std::fs::rename(final_dir, &old)
+            .with_context(|| format!("renaming {} to {}", final_dir.display(), old.display()))?;
+        std::fs::rename(&tmp, final_dir)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     } else {
         std::fs::rename(&tmp, final_dir)
             .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
@@ -182,11 +198,12 @@ pub fn save_checkpoint<B: Backend>(
             }
         }
         write_safetensors(&tmp.join("optimizer.safetensors"), t)?;
-        std::fs::write(
-            tmp.join("trainer_state.json"),
-            serde_json::to_string_pretty(state)?,
-        )?;
-        std::fs::write(tmp.join("training_config.yaml"), state.config.to_yaml())?;
+        let path = tmp.join("trainer_state.json");
+        std::fs::write(&path, serde_json::to_string_pretty(state)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let path = tmp.join("training_config.yaml");
+        std::fs::write(&path, state.config.to_yaml())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     })
 }

@@ -1,0 +1,223 @@
+//! Documented `train` features checked by what they must change: `--ref-model` (the reference is
+//! another model, checked against PyTorch's log-probs of that model) and `--eval-data` (the eval
+//! record describes the eval file's rows, checked against `logps` on them).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use wrpo_tests::{assert_close, tol};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wrpo-feat-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = v.into_iter().collect();
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// `train_rows.jsonl` with the wrpo_k1r1 settings (β 0.1, two micro-batches of two rows per
+/// update, no shuffling), into `out`, with `extra` flags.
+fn train(model: &Path, out: &Path, extra: &[&str]) -> Command {
+    let case = fixtures().join("train");
+    let mut c = bin();
+    c.args(["train", "--backend", "cpu", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(case.join("train_rows.jsonl"))
+        .arg("--config")
+        .arg(case.join("wrpo_k1r1").join("config.yaml"))
+        .arg("--output")
+        .arg(out)
+        .args(["--save-steps", "0"])
+        .args(extra);
+    c
+}
+
+/// The policy is a different model from the reference: the fixture model's weights after
+/// PyTorch's six WRPO updates (tests/fixtures/train/wrpo_k1r1/final_model.safetensors) with its
+/// config and tokenizer. `--ref-model` names the untrained fixture model, whose log-probs on these
+/// rows PyTorch recorded (`initial_ref_logps`). Update 1's metrics are computed before it changes
+/// anything, so `logps/x − rewards/x / β` is the mean reference log-prob of its four rows: it must
+/// be PyTorch's, and without `--ref-model` it is the policy's own.
+#[test]
+fn ref_model_is_the_reference() {
+    let dir = tmp("ref-model");
+    let policy = dir.join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    let base = fixtures().join("llama-tied");
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(base.join(f), policy.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixtures().join("train/wrpo_k1r1/final_model.safetensors"),
+        policy.join("model.safetensors"),
+    )
+    .unwrap();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("train/wrpo_k1r1/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let refs = &expected["initial_ref_logps"].as_array().unwrap()[..4];
+    let ref_mean = |col: &str, i: usize| mean(refs.iter().map(|r| r[col][i].as_f64().unwrap()));
+    let beta = 0.1;
+
+    let first_update = |extra: &[&str], name: &str| -> Value {
+        let out = dir.join(name);
+        ok(
+            train(&policy, &out, &[&["--max-steps", "1"], extra].concat())
+                .output()
+                .unwrap(),
+        );
+        lines(&out.join("metrics.jsonl"))
+            .into_iter()
+            .find(|r| r.get("loss").is_some())
+            .expect("a training record")
+    };
+    let rec = first_update(&["--ref-model", base.to_str().unwrap()], "with-ref");
+    for (metric, col, i) in [
+        ("target_chosen", "chosen", 1),
+        ("source_chosen", "chosen", 0),
+        ("rejected", "rejected", 0),
+    ] {
+        let got =
+            num(&rec, &format!("logps/{metric}")) - num(&rec, &format!("rewards/{metric}")) / beta;
+        let rep = assert_close(
+            &format!("--ref-model: mean reference log-prob, {metric}"),
+            &[got],
+            &[ref_mean(col, i)],
+            tol::LOGPS_F32,
+        );
+        println!("--ref-model {metric}: max abs {:.2e}", rep.max_abs);
+    }
+    // The reference really differs from the policy (the check above is not vacuous), and without
+    // the flag the policy is its own reference.
+    assert!(num(&rec, "rewards/margins").abs() > 0.1, "{rec}");
+    let own = first_update(&[], "without-ref");
+    assert_eq!(num(&own, "rewards/margins"), 0.0, "{own}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--eval-data`: the final eval record (`eval/…`) holds the means over the eval file's rows of the
+/// final policy's log-probs, and of β × (final − initial) for the rewards; both measured here with
+/// `logps` on the eval file, which the training rows do not share.
+#[test]
+fn eval_data_is_evaluated() {
+    let dir = tmp("eval-data");
+    let tiny = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/assets/tiny/wrpo_tiny.jsonl"),
+    )
+    .unwrap();
+    // train_rows.jsonl is the first 12 lines; these 5 follow them.
+    let eval_rows: String = tiny
+        .lines()
+        .skip(12)
+        .take(5)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let eval = dir.join("eval.jsonl");
+    std::fs::write(&eval, eval_rows).unwrap();
+    let base = fixtures().join("llama-tied");
+    let out = dir.join("run");
+    ok(train(
+        &base,
+        &out,
+        &["--max-steps", "2", "--eval-data", eval.to_str().unwrap()],
+    )
+    .output()
+    .unwrap());
+    let rec = lines(&out.join("metrics.jsonl"))
+        .into_iter()
+        .rfind(|r| r.get("eval/loss").is_some())
+        .expect("an eval record");
+    assert_eq!(rec["step"], 2, "{rec}");
+
+    let logps = |model: &Path, name: &str| -> Vec<Value> {
+        let path = dir.join(name);
+        ok(bin()
+            .args(["logps", "--backend", "cpu", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(&eval)
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .unwrap());
+        lines(&path)
+    };
+    let (fin, init) = (
+        logps(&out.join("final"), "final.jsonl"),
+        logps(&base, "initial.jsonl"),
+    );
+    assert_eq!(fin.len(), 5);
+    let col = |rows: &[Value], key: &str, i: usize| -> Vec<f64> {
+        rows.iter().map(|r| r[key][i].as_f64().unwrap()).collect()
+    };
+    let beta = 0.1;
+    for (metric, key, i) in [
+        ("target_chosen", "chosen", 1),
+        ("source_chosen", "chosen", 0),
+        ("rejected", "rejected", 0),
+    ] {
+        let (f, s) = (col(&fin, key, i), col(&init, key, i));
+        // [mean final log-prob, mean (final − initial)] against the eval record's.
+        let want = [
+            mean(f.iter().copied()),
+            mean(f.iter().zip(&s).map(|(a, b)| a - b)),
+        ];
+        let got = [
+            num(&rec, &format!("eval/logps/{metric}")),
+            num(&rec, &format!("eval/rewards/{metric}")) / beta,
+        ];
+        let rep = assert_close(
+            &format!("--eval-data: eval/logps and eval/rewards / β, {metric}"),
+            &got,
+            &want,
+            tol::LOGPS_F32,
+        );
+        println!("--eval-data {metric}: max abs {:.2e}", rep.max_abs);
+    }
+    // Training moved the policy, so the rewards are not trivially zero.
+    assert!(
+        num(&rec, "eval/rewards/target_chosen").abs() > 1e-3,
+        "{rec}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
