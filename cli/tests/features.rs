@@ -221,3 +221,76 @@ fn eval_data_is_evaluated() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The files of a Hugging Face model folder that transformers reads.
+const MODEL_FILES: [&str; 8] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "tokenizer.model",
+];
+
+/// `train` and `sft` still write the folders that transformers loaded when
+/// `tests/reference/make_saved_fixture.py` made tests/fixtures/saved/ (same commands, from
+/// `commands.json`): the same files, the same config, the same weights (the engine's logits of
+/// those folders against transformers' are in tests/tests/parity.rs).
+#[test]
+fn saved_folders_load_in_transformers() {
+    let saved = fixtures().join("saved");
+    let commands: Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("commands.json")).unwrap())
+            .unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (case, spec) in commands.as_object().unwrap() {
+        let dir = tmp(&format!("saved-{case}"));
+        let args: Vec<&str> = spec["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        ok(bin()
+            .current_dir(&root)
+            .args(&args)
+            .arg("--output")
+            .arg(dir.join("run"))
+            .output()
+            .unwrap());
+        let (got, want) = (dir.join("run").join("final"), saved.join(case));
+        for f in MODEL_FILES {
+            let (g, w) = (got.join(f), want.join(f));
+            assert_eq!(g.is_file(), w.is_file(), "{case}: {f} written?");
+            if !w.is_file() || f == "model.safetensors" {
+                continue;
+            }
+            if f.ends_with(".json") {
+                let read = |p: &Path| -> Value {
+                    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+                };
+                assert_eq!(read(&g), read(&w), "{case}: {f}");
+            } else {
+                assert!(
+                    std::fs::read(&g).unwrap() == std::fs::read(&w).unwrap(),
+                    "{case}: {f} differs"
+                );
+            }
+        }
+        let (g, w) = wrpo_tests::paired_weights(
+            &got.join("model.safetensors"),
+            &want.join("model.safetensors"),
+            case,
+        );
+        let rep = assert_close(
+            &format!("{case}: weights written now vs the folder transformers loaded"),
+            &g,
+            &w,
+            tol::TRAINED_WEIGHTS_F32,
+        );
+        println!("{case}: weights max abs {:.2e}", rep.max_abs);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

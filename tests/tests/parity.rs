@@ -17,6 +17,11 @@ use wrpo_tests::{assert_close, cuda_device, fixtures, tol, wgpu_device};
 
 const MODELS: [&str; 3] = ["llama-tied", "llama-linear", "llama-gqa"];
 
+/// Folders that wrpo-engine's `train` and `sft` wrote, with transformers' logits of each
+/// (`tests/reference/make_saved_fixture.py`, which also checks that they load with no missing or
+/// unexpected weights); `cli/tests/features.rs` checks that the engine still writes them.
+const SAVED: [&str; 2] = ["saved/train-tied", "saved/sft-gqa-bf16"];
+
 fn tensor_f64(st: &SafeTensors, name: &str) -> (Vec<f64>, Vec<usize>) {
     let v = st.tensor(name).unwrap();
     let data = match v.dtype() {
@@ -69,7 +74,15 @@ fn logits_fixture<B: Backend>(
 }
 
 fn logits_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
-    for name in MODELS {
+    logits_parity_of::<B>(&MODELS, device, label);
+}
+
+fn logits_parity_of<B: wrpo_kernels::KernelBackend>(
+    names: &[&str],
+    device: &B::Device,
+    label: &str,
+) {
+    for &name in names {
         let (model, cfg, fx) = logits_fixture::<B>(name, device);
         let (ids, mask, want) = (fx.ids, fx.mask, fx.logits);
         let (n, t, v) = (fx.shape[0], fx.shape[1], cfg.vocab_size);
@@ -281,6 +294,13 @@ fn logps_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str)
 #[test]
 fn cpu_logits_match_transformers() {
     logits_parity::<CpuBackend>(&Default::default(), "cpu");
+}
+
+/// transformers loads what `train` and `sft` saved (checked when the fixture was made) and its
+/// logits are the engine's.
+#[test]
+fn cpu_saved_folders_give_transformers_the_engines_logits() {
+    logits_parity_of::<CpuBackend>(&SAVED, &Default::default(), "cpu");
 }
 
 #[test]
