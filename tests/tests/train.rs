@@ -506,6 +506,27 @@ fn cpu_training_trajectory_matches_pytorch() {
     trajectory_parity::<CpuBackend>(&Default::default(), "cpu");
 }
 
+/// The other objectives (WRPO.md, "Our extensions"): SimPO and IPO (α = 0, the sources unused)
+/// and their α-blends `wrpo-simpo` / `wrpo-ipo`, two epochs of two updates each. The SimPO runs
+/// have no reference model (`Reference::None`).
+const OBJECTIVE_CASES: [(&str, &str); 4] = [
+    ("simpo_k1r1", "train_rows.jsonl"),
+    ("ipo_k1r1", "train_rows.jsonl"),
+    ("wrpo_simpo_k2r2", "train_rows_k2r2.jsonl"),
+    ("wrpo_ipo_k2r2", "train_rows_k2r2.jsonl"),
+];
+
+#[test]
+fn cpu_simpo_ipo_trajectories_match_pytorch() {
+    for (case, rows) in OBJECTIVE_CASES {
+        let out = tmp(&format!("cpu-{case}"));
+        let job = job(case, rows, &out, TrainArgs::default());
+        let summary = run_train::<CpuBackend>(&job, &Default::default(), &mut |_| {}).unwrap();
+        compare("cpu", case, &summary, &fixtures().join("train").join(case));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
 #[test]
 fn wgpu_training_trajectory_matches_pytorch() {
     trajectory_parity::<WgpuBackend>(&wgpu_device(), "wgpu");
