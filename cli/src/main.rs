@@ -272,7 +272,10 @@ fn main() -> ExitCode {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
         let lower = msg.to_lowercase();
-        if lower.contains("out of memory") || lower.contains("outofmemory") || lower.contains("oom")
+        if lower.contains("out of memory")
+            || lower.contains("outofmemory")
+            || lower.contains("oom")
+            || lower.contains("can't allocate buffer")
         {
             eprintln!("error: the device ran out of memory ({msg}). Lower --per-device-train-batch-size or --max-length, or use a larger device");
         } else if lower.contains("device lost") || lower.contains("devicelost") {
@@ -505,7 +508,7 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         imp: a.lm_head_impl,
         chunk: a.lm_head_chunk,
     };
-    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, a.steps, a.warmup, a.seed));
+    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, a.steps, a.warmup, a.seed))?;
     if a.json {
         println!("{}", serde_json::to_string(&r).expect("serialisable"));
     } else {

@@ -64,6 +64,13 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
     // Files.
     let good = r#"{"prompt": "1+1?", "chosen": ["2.", "Two."], "rejected": ["3."]}"#;
     let rows = write("rows.jsonl", &format!("{good}\n{good}\n"));
+    // Rows long enough that 300 of them in one micro-batch need dense logits over lavapipe's
+    // buffer limit (3 × 300 sequences × ~200 tokens × V 512 × 4 bytes ≈ 350 MiB).
+    let long = format!(
+        r#"{{"prompt": "{}", "chosen": ["2.", "Two."], "rejected": ["3."]}}"#,
+        "What is 1+1? ".repeat(40)
+    );
+    let many_long = write("many_long.jsonl", &format!("{long}\n").repeat(300));
     let not_json = write("not_json.jsonl", &format!("{good}\n{{\"prompt\": \n"));
     let no_prompt = write(
         "no_prompt.jsonl",
@@ -169,6 +176,31 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
                 &["--collective-timeout"],
             ),
             train(&["--devices", "cpu,cpu", "--collective-timeout", "-1"]),
+        ),
+        with(
+            case(
+                "train on wgpu: dense logits over the buffer limit",
+                &[],
+                &["--lm-head-impl fused", "MiB", "V 512]"],
+            ),
+            [
+                "train",
+                "--backend",
+                "wgpu",
+                "--output",
+                &p("out-wgpu"),
+                "--model",
+                &tied,
+                "--data",
+                &many_long,
+                "--lm-head-impl",
+                "dense",
+                "--per-device-train-batch-size",
+                "300",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ),
         with(
             case("devices without kind", &[], &["--devices"]),
@@ -599,6 +631,20 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
                 "64,1024,128256",
             ],
             &["--shape", "MiB"],
+        ),
+        case(
+            "bench step: dense logits over the wgpu buffer limit",
+            &[
+                "bench",
+                "step",
+                "--backend",
+                "wgpu",
+                "--vocab",
+                "128256",
+                "--lm-head-impl",
+                "dense",
+            ],
+            &["--lm-head-impl fused", "MiB", "[N 6, T 256, V 128256]"],
         ),
         // export-tiny.
         case(

@@ -31,38 +31,7 @@ use wrpo_kernels::loss::{
 };
 use wrpo_kernels::IGNORE_INDEX;
 
-/// Memory statistics where the backend has a pool to ask.
-pub trait MemoryProbe: Backend {
-    /// Bytes reserved by the device's memory pool, if known.
-    fn reserved_bytes(_device: &Self::Device) -> Option<u64> {
-        None
-    }
-    /// The largest single buffer the device can allocate, if it has such a limit (wgpu
-    /// adapters: `max_storage_buffer_binding_size`; under 256 MiB on Mesa lavapipe).
-    fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
-        None
-    }
-}
-
-impl MemoryProbe for crate::backend::CpuBackend {}
-
-impl<R, F, I, BT> MemoryProbe for burn_cubecl::CubeBackend<R, F, I, BT>
-where
-    R: burn_cubecl::CubeRuntime,
-    F: burn_cubecl::FloatElement,
-    I: burn_cubecl::IntElement,
-    BT: burn_cubecl::BoolElement,
-{
-    fn reserved_bytes(device: &Self::Device) -> Option<u64> {
-        R::client(device)
-            .memory_usage()
-            .ok()
-            .map(|m| m.bytes_reserved)
-    }
-    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
-        Some(R::client(device).properties().memory.max_page_size)
-    }
-}
+pub use wrpo_kernels::device::MemoryProbe;
 
 /// Timings and memory of one path.
 #[derive(Debug, Clone, Serialize)]
@@ -348,7 +317,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     steps: usize,
     warmup: usize,
     seed: u64,
-) -> StepRecord {
+) -> anyhow::Result<StepRecord> {
     use crate::data::Encoded;
     use crate::train::optim::{clip_global_norm, AdamState, AdamW, Flat};
     use crate::train::step::{micro_step, Layout, Reference};
@@ -366,6 +335,11 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     );
     let mut cfg = cfg;
     cfg.attn_implementation = attn;
+    crate::memory::check_buffers(
+        B::max_buffer_bytes(device),
+        backend,
+        &crate::memory::step_buffers(&cfg, 3 * shape.batch, shape.seq, head, attn),
+    )?;
     let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
     let mut params = Flat::of_model(&model);
     let reference = Reference::Model(Box::new(model), Box::new(cfg.clone()));
@@ -437,7 +411,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         Some(b) => Some(b),
         None => peak_rss_bytes(),
     };
-    StepRecord {
+    Ok(StepRecord {
         op: "wrpo_step".to_string(),
         backend: backend.to_string(),
         shape,
@@ -453,7 +427,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
             wrpo_kernels::attention::AttentionImpl::Dense => "dense".to_string(),
         },
         gradient_checkpointing: checkpoint,
-    }
+    })
 }
 
 /// The preference-loss case: both paths on one `[B, K+1, R]` shape.

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod data;
 pub mod embedded;
 pub mod logps;
+pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod tokenizer;

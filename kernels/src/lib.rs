@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod device;
 pub mod head;
 pub mod logprobs;
 pub mod loss;
@@ -28,7 +29,8 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Every op the trainer runs through a backend extension: the training attention
 /// ([`attention::AttentionBackend`]), the token log-probs ([`logprobs::LogProbBackend`]), the LM
 /// head fused with them ([`head::HeadLogProbBackend`]) and the preference loss
-/// ([`loss::LossBackend`]). Implemented for
+/// ([`loss::LossBackend`]), plus what the device says about its memory
+/// ([`device::MemoryProbe`]). Implemented for
 /// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on burn-flex, and
 /// `Autodiff` of either).
 pub trait KernelBackend:
@@ -36,6 +38,7 @@ pub trait KernelBackend:
     + logprobs::LogProbBackend
     + head::HeadLogProbBackend
     + loss::LossBackend
+    + device::MemoryProbe
 {
 }
 
@@ -44,6 +47,7 @@ impl<B> KernelBackend for B where
         + logprobs::LogProbBackend
         + head::HeadLogProbBackend
         + loss::LossBackend
+        + device::MemoryProbe
 {
 }
 

@@ -200,6 +200,28 @@ impl<'a> Setup<'a> {
         })
     }
 
+    /// Refuse, before any weight is loaded, a step whose largest buffers (forwards of `n`
+    /// sequences of up to `t` tokens) the device cannot allocate ([`crate::memory`]).
+    pub fn check_buffers<B: wrpo_kernels::KernelBackend>(
+        &self,
+        n: usize,
+        t: usize,
+        device: &B::Device,
+    ) -> Result<()> {
+        let buffers = crate::memory::step_buffers(
+            &self.model_cfg,
+            n,
+            t,
+            self.job.cfg.head(),
+            self.model_cfg.attn_implementation,
+        );
+        crate::memory::check_buffers(
+            B::max_buffer_bytes(device),
+            &format!("the device ({})", B::name(device)),
+            &buffers,
+        )
+    }
+
     /// The plan over `units` (rows or packed sequences); the writing peer creates the output
     /// folder.
     pub fn plan<B: Backend>(&self, units: usize, peer: &Peer<B>) -> Result<Plan> {

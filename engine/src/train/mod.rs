@@ -230,6 +230,24 @@ pub fn run_train_peer<B: KernelBackend>(
     };
     let rows = train.rows;
     let plan = setup.plan(rows.len(), peer)?;
+    let longest = rows
+        .iter()
+        .chain(&eval)
+        .map(|r| {
+            r.prompt.len()
+                + r.chosen
+                    .iter()
+                    .chain(&r.rejected)
+                    .map(Vec::len)
+                    .max()
+                    .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    let micro = cfg
+        .per_device_train_batch_size
+        .min(rows.len().max(eval.len()));
+    setup.check_buffers::<B>(micro * (k1 + r), longest, device)?;
     on(Event::Note(format!(
         "model {} · {} training rows ({} chosen + {} rejected each){} · {} updates of {} rows",
         setup.source.label(),

@@ -239,6 +239,19 @@ pub fn run_sft_peer<B: KernelBackend>(
         (0..rows.len()).map(|i| vec![i]).collect()
     };
     let plan = setup.plan(units.len(), peer)?;
+    let longest = if cfg.packing {
+        cfg.max_length
+    } else {
+        rows.iter()
+            .map(|e| e.prompt.len() + e.completion.len())
+            .max()
+            .unwrap_or(0)
+    };
+    setup.check_buffers::<B>(
+        cfg.per_device_train_batch_size.min(units.len()),
+        longest,
+        device,
+    )?;
     on(Event::Note(format!(
         "sft: model {} · {} examples{} · loss on {} · {} updates of {} {}",
         setup.source.label(),

@@ -1,0 +1,49 @@
+//! What a device can say about its memory: the pool's reservation and the largest single buffer.
+//! Part of [`crate::KernelBackend`], so the trainer can refuse a step whose largest buffer the
+//! device cannot allocate before it starts, instead of failing inside the backend.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+
+/// Memory facts where the backend has them (CubeCL backends); `None` elsewhere.
+pub trait MemoryProbe: Backend {
+    /// Bytes reserved by the device's memory pool, if known.
+    fn reserved_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+    /// The largest single buffer the device can allocate, if it has such a limit (wgpu
+    /// adapters: `max_storage_buffer_binding_size`; under 256 MiB on Mesa lavapipe).
+    fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+}
+
+impl MemoryProbe for burn::backend::Flex {}
+
+impl<R, F, I, BT> MemoryProbe for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn reserved_bytes(device: &Self::Device) -> Option<u64> {
+        R::client(device)
+            .memory_usage()
+            .ok()
+            .map(|m| m.bytes_reserved)
+    }
+    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
+        Some(R::client(device).properties().memory.max_page_size)
+    }
+}
+
+impl<B: MemoryProbe, C: CheckpointStrategy> MemoryProbe for Autodiff<B, C> {
+    fn reserved_bytes(device: &Self::Device) -> Option<u64> {
+        B::reserved_bytes(device)
+    }
+    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
+        B::max_buffer_bytes(device)
+    }
+}
