@@ -75,6 +75,38 @@ pub struct Row {
     pub prompt_id: Option<String>,
     /// Content.
     pub body: RowBody,
+    /// For a row validated as a WRPO row but written in another shape (an SFT row, see
+    /// [`parse_sft_row`]): the fields of the row as written that hold the prompt and the
+    /// completion, e.g. `("messages", "messages[2]")`. Errors name them instead of `prompt` and
+    /// `chosen[0]` / `rejected[0]`.
+    pub written_as: Option<(String, String)>,
+}
+
+impl Row {
+    /// `field` (a field of the WRPO row this row is validated as) as a field of the row as
+    /// written.
+    pub fn field_as_written(&self, field: String) -> String {
+        match &self.written_as {
+            None => field,
+            Some((prompt, completion)) => rename_field(field, prompt, completion),
+        }
+    }
+}
+
+/// `prompt…` → `{prompt}…`, `chosen[0]…` and `rejected[0]…` → `{completion}…`.
+fn rename_field(field: String, prompt: &str, completion: &str) -> String {
+    for (from, to) in [
+        ("chosen[0]", completion),
+        ("rejected[0]", completion),
+        ("prompt", prompt),
+    ] {
+        if let Some(rest) = field.strip_prefix(from) {
+            if rest.is_empty() || rest.starts_with(['.', '[']) {
+                return format!("{to}{rest}");
+            }
+        }
+    }
+    field
 }
 
 /// A bad row: file, line, field and what is wrong.
@@ -84,7 +116,8 @@ pub struct RowError {
     pub path: PathBuf,
     /// 1-based line.
     pub line: usize,
-    /// Field path such as `chosen[1].role` (empty when the row is not valid JSON).
+    /// Field path such as `chosen[1].role` (empty when the row as a whole is bad: not valid JSON,
+    /// or not a JSON object).
     pub field: String,
     /// The problem.
     pub msg: String,
@@ -207,6 +240,7 @@ pub fn parse_row(v: &Value, line: usize) -> Result<Row, FieldError> {
         line,
         prompt_id,
         body,
+        written_as: None,
     })
 }
 
@@ -390,12 +424,25 @@ impl Text {
     }
 }
 
-/// Tokenise and truncate one row.
+/// Tokenise and truncate one row. Errors name the row's fields as written: `prompt_input_ids`,
+/// `chosen_input_ids[i]`, … for pre-tokenized rows; see [`Row::written_as`].
 pub fn encode_row(
     tok: Option<&TextTokenizer>,
     row: &Row,
     opts: &EncodeOptions,
 ) -> Result<Encoded, FieldError> {
+    encode(tok, row, opts).map_err(|(field, msg)| (row.field_as_written(field), msg))
+}
+
+fn encode(
+    tok: Option<&TextTokenizer>,
+    row: &Row,
+    opts: &EncodeOptions,
+) -> Result<Encoded, FieldError> {
+    let (prompt_name, chosen_name, rejected_name) = match &row.body {
+        RowBody::Tokens { .. } => ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
+        RowBody::Text { .. } => ("prompt", "chosen", "rejected"),
+    };
     let (prompt, mut chosen, mut rejected) = match &row.body {
         RowBody::Tokens {
             prompt,
@@ -476,21 +523,21 @@ pub fn encode_row(
             }
         }
     };
-    for (field, seq) in std::iter::once(("prompt".to_string(), &prompt))
+    for (field, seq) in std::iter::once((prompt_name.to_string(), &prompt))
         .chain(
             chosen
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (format!("chosen[{i}]"), c)),
+                .map(|(i, c)| (format!("{chosen_name}[{i}]"), c)),
         )
         .chain(
             rejected
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (format!("rejected[{i}]"), c)),
+                .map(|(i, c)| (format!("{rejected_name}[{i}]"), c)),
         )
     {
-        if field != "prompt" && seq.is_empty() {
+        if field != prompt_name && seq.is_empty() {
             return Err(ferr(field, "empty completion"));
         }
         if let Some(bad) = seq.iter().find(|&&id| id as usize >= opts.vocab_size) {
@@ -518,7 +565,7 @@ pub fn encode_row(
                 }
             }
             let room = max_len.saturating_sub(prompt.len());
-            for (name, list) in [("chosen", &mut chosen), ("rejected", &mut rejected)] {
+            for (name, list) in [(chosen_name, &mut chosen), (rejected_name, &mut rejected)] {
                 for (i, c) in list.iter_mut().enumerate() {
                     c.truncate(room);
                     if c.is_empty() {
@@ -607,24 +654,38 @@ impl Dataset {
 /// target (and whose `rejected` repeats it, so WRPO tokenisation and truncation apply unchanged).
 /// Accepted forms: `{"messages": [..., {"role": "assistant", ...}]}` (the last message is the
 /// completion), a WRPO row (`prompt` + `chosen[0]`, the best source response; `rejected` optional),
-/// or `{"prompt", "completion"}`.
+/// or `{"prompt", "completion"}`. Errors, here and in [`encode_row`], name the fields as written
+/// (`messages[3].content`, `completion`), not those of the rewritten row.
 pub fn parse_sft_row(v: &Value, line: usize) -> Result<Row, FieldError> {
     let obj = v
         .as_object()
         .ok_or_else(|| ferr("", "a row must be a JSON object"))?;
-    let (prompt, completion) = if let Some(m) = obj.get("messages") {
+    let (prompt, completion, written_as) = if let Some(m) = obj.get("messages") {
         let msgs = m
             .as_array()
             .filter(|a| a.len() >= 2)
             .ok_or_else(|| ferr("messages", "must be a list of at least two messages"))?;
+        let last_at = format!("messages[{}]", msgs.len() - 1);
         let last = &msgs[msgs.len() - 1];
-        if last.get("role").and_then(Value::as_str) != Some("assistant") {
-            return Err(ferr(
-                format!("messages[{}].role", msgs.len() - 1),
-                "the last message must be the assistant's (the completion to learn)",
-            ));
+        let must = "the last message must be the assistant's (the completion to learn)";
+        match last.as_object().map(|o| o.get("role")) {
+            None => {
+                return Err(ferr(
+                    last_at,
+                    format!("{must}, an object with `role` and `content`"),
+                ))
+            }
+            Some(None) => return Err(ferr(format!("{last_at}.role"), format!("missing ({must})"))),
+            Some(Some(role)) if role.as_str() != Some("assistant") => {
+                return Err(ferr(format!("{last_at}.role"), must))
+            }
+            Some(Some(_)) => {}
         }
-        (Value::Array(msgs[..msgs.len() - 1].to_vec()), last.clone())
+        (
+            Value::Array(msgs[..msgs.len() - 1].to_vec()),
+            last.clone(),
+            ("messages".to_string(), last_at),
+        )
     } else {
         let prompt = obj.get("prompt").cloned().ok_or_else(|| {
             ferr(
@@ -632,13 +693,13 @@ pub fn parse_sft_row(v: &Value, line: usize) -> Result<Row, FieldError> {
                 "missing (an SFT row needs `messages`, or `prompt` with `chosen` or `completion`)",
             )
         })?;
-        let completion = match (obj.get("chosen"), obj.get("completion")) {
-            (Some(Value::Array(c)), _) if !c.is_empty() => c[0].clone(),
+        let (completion, at) = match (obj.get("chosen"), obj.get("completion")) {
+            (Some(Value::Array(c)), _) if !c.is_empty() => (c[0].clone(), "chosen[0]"),
             (Some(_), _) => return Err(ferr("chosen", "must hold at least one response")),
-            (None, Some(c)) => c.clone(),
+            (None, Some(c)) => (c.clone(), "completion"),
             (None, None) => return Err(ferr("completion", "missing (or give `chosen`)")),
         };
-        (prompt, completion)
+        (prompt, completion, ("prompt".to_string(), at.to_string()))
     };
     let mut row = serde_json::Map::new();
     if let Some(id) = obj.get("prompt_id") {
@@ -647,7 +708,10 @@ pub fn parse_sft_row(v: &Value, line: usize) -> Result<Row, FieldError> {
     row.insert("prompt".into(), prompt);
     row.insert("chosen".into(), Value::Array(vec![completion.clone()]));
     row.insert("rejected".into(), Value::Array(vec![completion]));
-    parse_row(&Value::Object(row), line)
+    let mut parsed = parse_row(&Value::Object(row), line)
+        .map_err(|(field, msg)| (rename_field(field, &written_as.0, &written_as.1), msg))?;
+    parsed.written_as = Some(written_as);
+    Ok(parsed)
 }
 
 /// Load `path`, or the bundled dataset of the embedded default when `None`.
@@ -711,6 +775,7 @@ mod tests {
                 chosen: vec![(10..16).collect()],
                 rejected: vec![(20..23).collect()],
             },
+            written_as: None,
         };
         let opts = EncodeOptions {
             max_length: Some(8),
@@ -728,19 +793,98 @@ mod tests {
             vocab_size: 100,
         };
         assert_eq!(encode_row(None, &row, &opts).unwrap().prompt.len(), 10);
-        // Prompt alone fills max_length: error, not an empty sequence.
+        // Prompt alone fills max_length: error, not an empty sequence. A pre-tokenized row's
+        // errors name its own fields (issue 16: they named `chosen[0]`, absent from the row).
         let opts = EncodeOptions {
             max_length: Some(8),
             max_prompt_length: None,
             vocab_size: 100,
         };
-        assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "chosen[0]");
+        assert_eq!(
+            encode_row(None, &row, &opts).unwrap_err().0,
+            "chosen_input_ids[0]"
+        );
         // Out-of-vocabulary ids.
         let opts = EncodeOptions {
             vocab_size: 20,
             ..Default::default()
         };
-        assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "rejected[0]");
+        assert_eq!(
+            encode_row(None, &row, &opts).unwrap_err().0,
+            "rejected_input_ids[0]"
+        );
+        let opts = EncodeOptions {
+            vocab_size: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            encode_row(None, &row, &opts).unwrap_err().0,
+            "prompt_input_ids"
+        );
+    }
+
+    /// SFT rows are validated as WRPO rows; their errors still name the fields as written
+    /// (issue 16: they named `prompt[0]`, `chosen[0]` of the rewritten row).
+    #[test]
+    fn sft_errors_name_the_fields_as_written() {
+        let err = |v: Value| parse_sft_row(&v, 1).unwrap_err();
+        let user = json!({"role": "user", "content": "q"});
+        let (f, m) = err(json!({"messages": [user, {"role": "assistant", "content": ""}]}));
+        assert_eq!(
+            (f.as_str(), m.as_str()),
+            ("messages[1].content", "empty completion")
+        );
+        let bot = json!({"role": "bot", "content": "q"});
+        let answer = json!({"role": "assistant", "content": "a"});
+        assert_eq!(
+            err(json!({"messages": [bot, answer]})).0,
+            "messages[0].role"
+        );
+        assert_eq!(err(json!({"messages": [user, "a"]})).0, "messages[1]");
+        let (f, m) = err(json!({"messages": [user, {"content": "a"}]}));
+        assert_eq!(f, "messages[1].role");
+        assert!(m.starts_with("missing"), "{m}");
+        assert_eq!(err(json!({"messages": [user, user]})).0, "messages[1].role");
+        assert_eq!(
+            err(json!({"prompt": "p", "completion": ""})).0,
+            "completion"
+        );
+        let as_user = json!([{"role": "user", "content": "x"}]);
+        assert_eq!(
+            err(json!({"prompt": "p", "completion": as_user})).0,
+            "completion[0].role"
+        );
+        assert_eq!(err(json!({"prompt": "p", "chosen": [""]})).0, "chosen[0]");
+        assert_eq!(err(json!({"prompt": 3, "completion": "c"})).0, "prompt");
+        assert_eq!(
+            err(json!({"prompt_id": [], "prompt": "p", "completion": "c"})).0,
+            "prompt_id"
+        );
+
+        // Encoding errors too.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer-chatml");
+        let tok = TextTokenizer::load(&dir).unwrap();
+        let opts = EncodeOptions {
+            max_length: Some(1),
+            max_prompt_length: None,
+            vocab_size: tok.vocab_size(),
+        };
+        let row = parse_sft_row(&json!({"messages": [user, answer]}), 1).unwrap();
+        assert_eq!(
+            encode_row(Some(&tok), &row, &opts).unwrap_err().0,
+            "messages[1]"
+        );
+        assert_eq!(encode_row(None, &row, &opts).unwrap_err().0, "messages");
+        let row = parse_sft_row(&json!({"prompt": "p", "completion": "c"}), 1).unwrap();
+        assert_eq!(
+            encode_row(Some(&tok), &row, &opts).unwrap_err().0,
+            "completion"
+        );
+        let row = parse_sft_row(&json!({"prompt": "p", "chosen": ["c"]}), 1).unwrap();
+        assert_eq!(
+            encode_row(Some(&tok), &row, &opts).unwrap_err().0,
+            "chosen[0]"
+        );
     }
 
     #[test]
