@@ -294,3 +294,91 @@ fn saved_folders_load_in_transformers() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `logging_steps`, `eval_steps` and `eval_fraction`, against the same run logged every update:
+/// 12 rows, a seeded quarter held out (9 train), 4 rows per update, so each epoch's updates hold
+/// 4, 4 and 1 rows. Logged every 2 updates, the loss is the mean of the interval's update losses
+/// (Hugging Face's), the reward and log-prob metrics the mean over the interval's rows, the learning
+/// rate and grad_norm the interval's last; the eval runs every 2 updates, and its last record
+/// equals the end-of-run eval of the run logged every update.
+#[test]
+fn logging_and_eval_intervals() {
+    let dir = tmp("intervals");
+    let base = fixtures().join("llama-tied");
+    let run = |name: &str, extra: &[&str]| -> Vec<Value> {
+        let out = dir.join(name);
+        ok(
+            train(&base, &out, &[&["--eval-fraction", "0.25"], extra].concat())
+                .output()
+                .unwrap(),
+        );
+        lines(&out.join("metrics.jsonl"))
+    };
+    let every = run("every", &["--logging-steps", "1"]);
+    let pairs = run("pairs", &["--logging-steps", "2", "--eval-steps", "2"]);
+    let train_at = |recs: &[Value], step: u64| -> Value {
+        recs.iter()
+            .find(|r| r["step"] == step && r.get("loss").is_some())
+            .unwrap_or_else(|| panic!("no training record at step {step}"))
+            .clone()
+    };
+    let eval_steps = |recs: &[Value]| -> Vec<u64> {
+        recs.iter()
+            .filter(|r| r.get("eval/loss").is_some())
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
+    };
+    let train_steps: Vec<u64> = pairs
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(train_steps, [2, 4, 6]);
+    assert_eq!(eval_steps(&pairs), [2, 4, 6]);
+    assert_eq!(eval_steps(&every), [6], "eval_steps 0: at the end only");
+
+    let rows_per_update = [4.0, 4.0, 1.0, 4.0, 4.0, 1.0];
+    for step in [2u64, 4, 6] {
+        let (a, b, got) = (
+            train_at(&every, step - 1),
+            train_at(&every, step),
+            train_at(&pairs, step),
+        );
+        let (na, nb) = (
+            rows_per_update[step as usize - 2],
+            rows_per_update[step as usize - 1],
+        );
+        let mut got_v = vec![
+            num(&got, "loss"),
+            num(&got, "learning_rate"),
+            num(&got, "grad_norm"),
+        ];
+        let mut want_v = vec![
+            (num(&a, "loss") + num(&b, "loss")) / 2.0,
+            num(&b, "learning_rate"),
+            num(&b, "grad_norm"),
+        ];
+        for key in ["rewards/margins", "logps/chosen", "logps/rejected"] {
+            got_v.push(num(&got, key));
+            want_v.push((na * num(&a, key) + nb * num(&b, key)) / (na + nb));
+        }
+        // The same updates; only how they are averaged differs (f64 sums of f32 values).
+        assert_close(
+            &format!("step {step}: loss, lr, grad_norm, margins, logps"),
+            &got_v,
+            &want_v,
+            tol::LOGPS_F32,
+        );
+    }
+    let last = |recs: &[Value]| -> Value {
+        recs.iter()
+            .rfind(|r| r.get("eval/loss").is_some())
+            .unwrap()
+            .clone()
+    };
+    let (e1, e2) = (last(&every), last(&pairs));
+    for key in ["eval/loss", "eval/rewards/margins", "eval/logps/chosen"] {
+        assert_eq!(num(&e1, key), num(&e2, key), "{key}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -126,13 +126,18 @@ CASES = {
         learning_rate=4e-3, beta=0.5, alpha=0.3, is_dynamic=False, label_smoothing=0.0,
         per_device_train_batch_size=2, gradient_accumulation_steps=3, num_train_epochs=2,
         lr_scheduler_type="cosine", warmup_ratio=0.5, warmup_steps=0,
-        max_grad_norm=12.0, weight_decay=0.0)),
+        max_grad_norm=12.0, weight_decay=0.0,
+        # non-default AdamW constants, so the trainer must read them
+        adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6)),
     "wrpo_simpo_k2r2": dict(data="train_rows_k2r2.jsonl", k=2, r=2, cfg=dict(
         COMMON, loss_type="wrpo-simpo", simpo_gamma=0.5,
         learning_rate=2e-3, beta=2.5, alpha=0.5, is_dynamic=True, label_smoothing=0.0,
         per_device_train_batch_size=1, gradient_accumulation_steps=4, num_train_epochs=2,
         lr_scheduler_type="linear", warmup_ratio=0.0, warmup_steps=0,
-        max_grad_norm=5.0, weight_decay=0.0)),
+        max_grad_norm=5.0, weight_decay=0.0,
+        # TRL truncation on every row: the prompt keeps its last 24 tokens, completions are cut
+        # to fit 40
+        max_length=40, max_prompt_length=24)),
     "wrpo_ipo_k2r2": dict(data="train_rows_k2r2.jsonl", k=2, r=2, cfg=dict(
         COMMON, loss_type="wrpo-ipo",
         learning_rate=4e-3, beta=0.2, alpha=0.6, is_dynamic=False, label_smoothing=0.0,
