@@ -12,6 +12,7 @@ use wrpo_engine_core::dispatch;
 use wrpo_engine_core::logps::{run_logps, Head, HeadImpl, LogpsJob};
 use wrpo_engine_core::model::{AttnImpl, ModelSource};
 
+mod bench;
 mod build_dataset;
 mod plot;
 mod sample;
@@ -422,7 +423,7 @@ fn logps(a: LogpsArgs) -> Result<()> {
 }
 
 fn bench_step(a: BenchStepArgs) -> Result<()> {
-    use wrpo_engine_core::bench::{bench_step, StepRecord, StepShape};
+    use crate::bench::{bench_step, StepRecord, StepShape};
     anyhow::ensure!(
         a.heads > 0
             && a.kv_heads > 0
@@ -581,9 +582,7 @@ fn probe_memory(backend: &str, shape: [usize; 3], seed: u64, path: &str) -> Resu
 }
 
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
-    use wrpo_engine_core::bench::{
-        bench_attention, bench_logprobs, bench_loss, peak_memory, MemoryProbe,
-    };
+    use crate::bench::{bench_attention, bench_logprobs, bench_loss, peak_memory, MemoryProbe};
     if let Some(path) = &a.memory_probe {
         let selected = select(a.backend.backend)?;
         let [shape] = a.shapes[..] else {

@@ -277,7 +277,7 @@ pub struct StepRecord {
     /// gradients, AdamW moments).
     pub base_mb: Option<f64>,
     /// The LM-head path (`fused` or `dense`).
-    pub lm_head_impl: crate::logps::HeadImpl,
+    pub lm_head_impl: wrpo_engine_core::logps::HeadImpl,
     /// The attention (`tiled, block N` or `dense`).
     #[serde(default)]
     pub attn_implementation: String,
@@ -311,17 +311,17 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     device: &B::Device,
     backend: &str,
     shape: StepShape,
-    head: crate::logps::Head,
+    head: wrpo_engine_core::logps::Head,
     attn: wrpo_kernels::attention::AttentionImpl,
     checkpoint: bool,
     steps: usize,
     warmup: usize,
     seed: u64,
 ) -> anyhow::Result<StepRecord> {
-    use crate::data::Encoded;
-    use crate::train::optim::{clip_global_norm, AdamState, AdamW, Flat};
-    use crate::train::step::{micro_step, Layout, Reference};
     use rand::{rngs::StdRng, Rng, SeedableRng};
+    use wrpo_engine_core::data::Encoded;
+    use wrpo_engine_core::train::optim::{clip_global_norm, AdamState, AdamW, Flat};
+    use wrpo_engine_core::train::step::{micro_step, Layout, Reference};
     use wrpo_kernels::loss::{LossConfig, Objective};
 
     let cfg = wrpo_models::LlamaConfig::tiny(
@@ -335,10 +335,10 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     );
     let mut cfg = cfg;
     cfg.attn_implementation = attn;
-    crate::memory::check_buffers(
+    wrpo_engine_core::memory::check_buffers(
         B::max_buffer_bytes(device),
         backend,
-        &crate::memory::step_buffers(&cfg, 3 * shape.batch, shape.seq, head, attn),
+        &wrpo_engine_core::memory::step_buffers(&cfg, 3 * shape.batch, shape.seq, head, attn),
     )?;
     let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
     let mut params = Flat::of_model(&model);
