@@ -646,6 +646,20 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
             ],
             &["--lm-head-impl fused", "MiB", "[N 6, T 256, V 128256]"],
         ),
+        case(
+            "bench step on cpu: dense attention scores larger than the host's memory",
+            &[
+                "bench",
+                "step",
+                "--backend",
+                "cpu",
+                "--seq",
+                "65536",
+                "--attn-implementation",
+                "dense",
+            ],
+            &["--attn-implementation tiled", "attention scores", "MiB"],
+        ),
         // export-tiny.
         case(
             "export-tiny into a file",

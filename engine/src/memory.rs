@@ -1,7 +1,8 @@
 //! Up-front memory checks: the largest single device buffers that one step allocates, checked
-//! against the largest buffer the device allows (wgpu adapters have such a limit; Mesa lavapipe's
-//! is under 256 MiB) before any weight is loaded, so a run that cannot allocate them stops with the
-//! setting to change instead of failing inside the backend.
+//! against the largest buffer the device allows (wgpu adapters have such a limit, Mesa lavapipe's
+//! is under 256 MiB; on the CPU it is the host's available memory) before any weight is loaded,
+//! so a run that cannot allocate them stops with the setting to change instead of failing inside
+//! the backend (or being killed by the OOM killer).
 //!
 //! Shapes: `N` sequences in one forward, `T` their padded length, `V` vocabulary, `H` hidden,
 //! `I` MLP width, `NH` attention heads.
@@ -91,7 +92,7 @@ pub fn check_buffers(limit: Option<u64>, device: &str, buffers: &[Buffer]) -> Re
         .collect();
     if !over.is_empty() {
         bail!(
-            "{device} allows buffers of at most {:.0} MiB, and this run needs larger ones: {}",
+            "{device} can allocate at most {:.0} MiB in one buffer, and this run needs larger ones: {}",
             mib(limit),
             over.join("; ")
         );
@@ -130,7 +131,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("wgpu (lavapipe) allows buffers of at most 128 MiB"),
+            e.contains("wgpu (lavapipe) can allocate at most 128 MiB in one buffer"),
             "{e}"
         );
         assert!(

@@ -13,13 +13,28 @@ pub trait MemoryProbe: Backend {
         None
     }
     /// The largest single buffer the device can allocate, if it has such a limit (wgpu
-    /// adapters: `max_storage_buffer_binding_size`; under 256 MiB on Mesa lavapipe).
+    /// adapters: `max_storage_buffer_binding_size`, under 256 MiB on Mesa lavapipe; the CPU: the
+    /// host's available memory).
     fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
         None
     }
 }
 
-impl MemoryProbe for burn::backend::Flex {}
+/// The CPU: no buffer can be larger than the memory the host has available (Linux
+/// `MemAvailable`); an allocation past it would end in the kernel's OOM killer, not an error.
+impl MemoryProbe for burn::backend::Flex {
+    fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
+        host_available_bytes()
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, where there is one.
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
 
 impl<R, F, I, BT> MemoryProbe for burn_cubecl::CubeBackend<R, F, I, BT>
 where
