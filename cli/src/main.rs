@@ -17,6 +17,7 @@ mod build_dataset;
 mod plot;
 mod sample;
 mod score;
+mod settings;
 mod train;
 
 #[derive(Parser)]
@@ -121,13 +122,13 @@ struct BenchStepArgs {
     #[arg(long, value_delimiter = ',', default_value = "256")]
     seq: Vec<usize>,
     /// `fused` (the default) or `dense` LM head (see `train --lm-head-impl`).
-    #[arg(long, value_enum, default_value_t = HeadImpl::Fused)]
+    #[arg(long, value_parser = settings::choice::<HeadImpl>(), default_value = "fused")]
     lm_head_impl: HeadImpl,
     /// Positions per block of the fused head (0 = automatic).
     #[arg(long, default_value_t = 0)]
     lm_head_chunk: usize,
     /// `tiled` (the default) or `dense` attention (see `train --attn-implementation`).
-    #[arg(long, value_enum, default_value_t = AttnImpl::Tiled)]
+    #[arg(long, value_parser = settings::choice::<AttnImpl>(), default_value = "tiled")]
     attn_implementation: AttnImpl,
     /// Queries per block of the tiled attention.
     #[arg(long, default_value_t = 128)]
@@ -256,7 +257,7 @@ struct LogpsArgs {
     skip_bad_rows: bool,
     /// `fused` (completion positions only, through the LM head a block at a time: no [N, T, V]
     /// logits) or `dense` (the full logits: the reference).
-    #[arg(long, value_enum, default_value_t = HeadImpl::Fused)]
+    #[arg(long, value_parser = settings::choice::<HeadImpl>(), default_value = "fused")]
     lm_head_impl: HeadImpl,
     /// Positions per block of the fused head (0 = automatic, about 16M logits per block).
     #[arg(long, default_value_t = 0)]

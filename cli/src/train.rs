@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use wrpo_engine_core::backend::{BackendChoice, NthDevice};
 use wrpo_engine_core::dispatch;
 use wrpo_engine_core::train::config::{
-    embedded_preset, resolve, sft_embedded_preset, sft_preset, RunPaths, TrainArgs, TrainConfig,
+    embedded_preset, resolve, sft_embedded_preset, sft_preset, RunPaths, TrainConfig,
 };
 use wrpo_engine_core::train::dist::World;
 use wrpo_engine_core::train::sft::{run_sft, run_sft_parallel};
@@ -55,7 +55,7 @@ pub struct TrainCmd {
     #[command(flatten)]
     dist: DistArgs,
     #[command(flatten)]
-    settings: TrainArgs,
+    settings: crate::settings::Settings,
 }
 
 /// Data parallelism (see the README's "Data parallelism").
@@ -175,7 +175,7 @@ pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
             }
         }
     }
-    let cfg = resolve(defaults, a.config.as_deref(), &a.settings)?;
+    let cfg = resolve(defaults, a.config.as_deref(), &a.settings.0)?;
     eprintln!("training configuration:\n{}", indent(&cfg.to_yaml()));
     let job = TrainJob {
         cfg,

@@ -19,7 +19,7 @@ use wrpo_kernels::{
 use wrpo_models::{Llama, LlamaConfig};
 
 /// How completion log-probs are computed from the final hidden states (`lm_head_impl`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeadImpl {
     /// Only scored positions go through the LM head, fused with the log-probs a block at a time;

@@ -13,7 +13,7 @@ use crate::embedded;
 use crate::tokenizer::TextTokenizer;
 
 /// Which attention the training forward runs (`attn_implementation`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttnImpl {
     /// A block of queries at a time ([`wrpo_kernels::attention`]), memory linear in `T`.

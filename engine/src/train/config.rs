@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Which objective `train` optimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossType {
     /// WRPO: sigmoid loss on the α-blend of source and target rewards vs the rejected one.
@@ -41,10 +41,110 @@ impl LossType {
     }
 }
 
+/// The kind of a setting's value, for a front end to parse and document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `true` or `false`.
+    Bool,
+    /// A non-negative integer.
+    Unsigned,
+    /// An integer that may be negative.
+    Signed,
+    /// A number.
+    Float,
+    /// One of named values: (name, documentation).
+    Choice(&'static [(&'static str, &'static str)]),
+}
+
+/// One training setting (see [`SETTINGS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The key (snake_case, as in YAML files; flags are its kebab-case).
+    pub name: &'static str,
+    /// Its documentation, one line per source line.
+    pub doc: &'static str,
+    /// Its value's kind.
+    pub kind: Kind,
+    /// Another name for its flag.
+    pub alias: Option<&'static str>,
+}
+
+/// The [`Kind`] of a setting's Rust type.
+pub trait SettingValue {
+    /// The kind.
+    const KIND: Kind;
+}
+
+impl SettingValue for bool {
+    const KIND: Kind = Kind::Bool;
+}
+impl SettingValue for usize {
+    const KIND: Kind = Kind::Unsigned;
+}
+impl SettingValue for u64 {
+    const KIND: Kind = Kind::Unsigned;
+}
+impl SettingValue for i64 {
+    const KIND: Kind = Kind::Signed;
+}
+impl SettingValue for f64 {
+    const KIND: Kind = Kind::Float;
+}
+
+/// An enum setting's values by name (its serde names), documented.
+pub trait Choice: Sized + serde::de::DeserializeOwned + Serialize {
+    /// (name, documentation) of every value.
+    const VALUES: &'static [(&'static str, &'static str)];
+    /// The value called `name`.
+    fn from_name(name: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
+    }
+    /// This value's name.
+    fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+macro_rules! choice {
+    ($ty:ty { $($name:literal : $doc:literal),* $(,)? }) => {
+        impl Choice for $ty {
+            const VALUES: &'static [(&'static str, &'static str)] = &[$(($name, $doc)),*];
+        }
+        impl SettingValue for $ty {
+            const KIND: Kind = Kind::Choice(<$ty as Choice>::VALUES);
+        }
+    };
+}
+
+choice!(LossType {
+    "wrpo": "WRPO: sigmoid loss on the α-blend of source and target rewards vs the rejected one",
+    "dpo": "DPO on (target chosen, rejected): WRPO with α = 0",
+    "simpo": "SimPO on (target chosen, rejected): length-normalised, reference-free, margin γ",
+    "ipo": "IPO on (target chosen, rejected): squared loss on per-token log-ratios",
+    "wrpo-simpo": "SimPO with WRPO's α-blend on the preferred side",
+    "wrpo-ipo": "IPO with WRPO's α-blend on the preferred side",
+});
+choice!(LrSchedule {
+    "constant": "Constant, no warm-up",
+    "constant_with_warmup": "Linear warm-up, then constant",
+    "linear": "Linear warm-up, then linear decay to 0",
+    "cosine": "Linear warm-up, then half a cosine to 0",
+});
+choice!(crate::logps::HeadImpl {
+    "fused": "Only scored positions go through the LM head, fused with the log-probs a block at a time; no [N, T, V] logits",
+    "dense": "The full [N, T, V] logits, then the log-prob op: the tested reference",
+});
+choice!(crate::model::AttnImpl {
+    "tiled": "A block of queries at a time, memory linear in T",
+    "dense": "The full [B, NH, T, T] scores: the tested reference",
+});
+
 /// Learning-rate schedule (HF `lr_scheduler_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum LrSchedule {
     /// Constant, no warm-up.
     Constant,
@@ -57,7 +157,9 @@ pub enum LrSchedule {
 }
 
 macro_rules! train_config {
-    ($( $(#[doc = $doc:literal])* $(#[arg($($arg:tt)*)])? $name:ident : $ty:ty = $default:expr ;)*) => {
+    (@alias $alias:literal) => { Some($alias) };
+    (@alias) => { None };
+    ($( $(#[doc = $doc:literal])* $(#[alias = $alias:literal])? $name:ident : $ty:ty = $default:expr ;)*) => {
         /// The resolved training configuration (defaults ← YAML file ← command line). Keys
         /// missing from a saved one (a checkpoint of an older version) take their defaults.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,11 +176,23 @@ macro_rules! train_config {
 
         /// Every configuration key, optional: the YAML file's content or the command line's
         /// flags (kebab-case, e.g. `--learning-rate`).
-        #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+        #[derive(Debug, Clone, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct TrainArgs {
-            $( $(#[doc = $doc])* #[arg(long $(, $($arg)*)?)] pub $name: Option<$ty>, )*
+            $( $(#[doc = $doc])* pub $name: Option<$ty>, )*
         }
+
+        /// Every setting described for a front end (the CLI builds its flags from this): name,
+        /// documentation, value kind and an alias. A front end that collects values by name can
+        /// turn them into [`TrainArgs`] with serde.
+        pub const SETTINGS: &[Setting] = &[
+            $( Setting {
+                name: stringify!($name),
+                doc: concat!($($doc, "\n",)* ""),
+                kind: <$ty as SettingValue>::KIND,
+                alias: train_config!(@alias $($alias)?),
+            }, )*
+        ];
 
         impl TrainArgs {
             /// Keys set here replace those of `base`.
@@ -101,10 +215,9 @@ train_config! {
     /// α: the final weight of the source responses (authors: 0.1). Ignored by dpo/simpo/ipo.
     alpha: f64 = 0.1;
     /// true: α grows linearly from 0 to `alpha` over the run (α(s) = alpha·s/T); false: α = alpha.
-    #[arg(value_name = "BOOL")]
     is_dynamic: bool = true;
     /// The objective.
-    #[arg(value_enum, visible_alias = "loss")]
+    #[alias = "loss"]
     loss_type: LossType = LossType::Wrpo;
     /// SimPO's target reward margin γ (simpo, wrpo-simpo).
     simpo_gamma: f64 = 0.5;
@@ -117,14 +230,12 @@ train_config! {
     /// Passes over the data (used when max_steps ≤ 0).
     num_train_epochs: usize = 1;
     /// Total optimizer updates; -1 = from num_train_epochs.
-    #[arg(allow_hyphen_values = true)]
     max_steps: i64 = -1;
     /// Longest prompt + completion, in tokens (longer rows are truncated, TRL-style).
     max_length: usize = 2048;
     /// Prompt tokens kept when a row is too long.
     max_prompt_length: usize = 1800;
     /// Learning-rate schedule.
-    #[arg(value_enum)]
     lr_scheduler_type: LrSchedule = LrSchedule::Cosine;
     /// Warm-up as a fraction of the total updates (ceil), used when warmup_steps is 0.
     warmup_ratio: f64 = 0.1;
@@ -143,7 +254,6 @@ train_config! {
     /// Seed of the data order (and of the embedded model).
     seed: u64 = 42;
     /// Shuffle the rows each epoch (seeded); false keeps file order.
-    #[arg(value_name = "BOOL")]
     shuffle: bool = true;
     /// Write a metrics record every this many updates.
     logging_steps: usize = 1;
@@ -156,28 +266,22 @@ train_config! {
     /// Hold out this fraction of the rows (seeded) as the eval split when no --eval-data is given.
     eval_fraction: f64 = 0.0;
     /// Compute all reference log-probs once before training and cache them on disk.
-    #[arg(value_name = "BOOL")]
     precompute_ref: bool = false;
     /// Skip (and count) bad rows instead of failing.
-    #[arg(value_name = "BOOL")]
     skip_bad_rows: bool = false;
     /// sft: loss on completion tokens only (false: on every token, as the authors' packed SFT).
-    #[arg(value_name = "BOOL")]
     completion_only: bool = true;
     /// sft: pack several examples into sequences of up to `max_length` tokens (each attends only
     /// to itself, positions restart per example); the batch size then counts packed sequences.
-    #[arg(value_name = "BOOL")]
     packing: bool = false;
     /// train: padding-free batches (TRL's `padding_free`): the sequences of a micro-batch (every
     /// row's chosen and rejected responses) are packed into rows no longer than its longest
     /// sequence, each attending only to itself, for the policy and the reference model, instead
     /// of one row per sequence padded to the longest. Same log-probs up to f32 rounding.
-    #[arg(value_name = "BOOL")]
     padding_free: bool = false;
     /// From the final hidden states to log-probs: `fused` (only completion positions go through
     /// the LM head, a block at a time, fused with the log-probs: the `[N, T, V]` logits are never
     /// built) or `dense` (the full logits, then the log-probs: the reference).
-    #[arg(value_enum)]
     lm_head_impl: crate::logps::HeadImpl = crate::logps::HeadImpl::Fused;
     /// Positions per block of the fused LM head (0 = automatic: about 16M logits per block, 130
     /// positions at a 128k vocabulary).
@@ -185,7 +289,6 @@ train_config! {
     /// Attention in the training forward: `tiled` (a block of queries at a time with a
     /// recomputing backward: memory linear in the sequence length) or `dense` (the full
     /// `[B, heads, T, T]` scores: the reference).
-    #[arg(value_enum)]
     attn_implementation: crate::model::AttnImpl = crate::model::AttnImpl::Tiled;
     /// Queries per block of the tiled attention (memory per layer grows with block × T).
     attention_block: usize = 128;
@@ -193,7 +296,6 @@ train_config! {
     /// layer keeps only its input and recomputes its activations in the backward pass (one
     /// extra forward of the layers). The authors' configs use true; the default is false because
     /// it only costs time where memory is not short.
-    #[arg(value_name = "BOOL")]
     gradient_checkpointing: bool = false;
 }
 
