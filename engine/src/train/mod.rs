@@ -9,22 +9,27 @@
 //! (update counts, LR, data order), [`optim`] (flat parameters, clipping, AdamW as PyTorch
 //! computes them), [`step`] (one micro-batch), [`metrics`], [`state`] (checkpoints),
 //! [`refcache`] (precomputed reference log-probs), [`dist`] (data parallelism: sharding and the
-//! one all-reduce per update, over [`collective`]).
+//! one all-reduce per update, over [`collective`]); and three pieces of this recipe in their own
+//! files: `split` (loading the rows, one batch layout, the seeded hold-out), `reference` (where
+//! the reference log-probs come from) and `eval` (the eval record).
 
 pub mod collective;
 pub mod config;
 pub mod dist;
 pub mod driver;
+mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod recompute;
 pub mod refcache;
+mod reference;
 pub mod schedule;
 pub mod sft;
+mod split;
 pub mod state;
 pub mod step;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::{Map, Value};
@@ -32,15 +37,17 @@ use wrpo_kernels::loss::{LossConfig, Objective};
 use wrpo_kernels::KernelBackend;
 use wrpo_models::LlamaConfig;
 
-use crate::data::{Dataset, EncodeOptions, Encoded, RowError};
-use crate::model::ModelSource;
+use crate::data::Encoded;
 use config::{LossType, RunPaths, TrainConfig};
 use dist::{Peer, World};
 use driver::{Micro, Recipe, Setup};
+use eval::evaluate;
 use metrics::{json_f64, Meter};
 use optim::Flat;
-use schedule::{epoch_order, Plan};
-use step::{eval_step, micro_step, Layout, Reference};
+use reference::build_reference;
+use schedule::Plan;
+use split::{hold_out, load_split};
+use step::{micro_step, Layout, Reference};
 
 /// What the trainer reports while it runs (the CLI draws a progress bar from these).
 #[derive(Debug)]
@@ -105,73 +112,6 @@ fn loss_config(cfg: &TrainConfig, alpha: f64) -> LossConfig {
         beta: cfg.beta,
         label_smoothing: cfg.label_smoothing,
     }
-}
-
-/// All rows must have as many chosen and rejected responses as the first (one batch layout);
-/// others fail the load or, with `skip`, are skipped and counted.
-fn check_row_shapes(ds: &mut Dataset, path: &Path, skip: bool) -> Result<(usize, usize)> {
-    let first = &ds.rows[0];
-    let (k1, r) = (first.chosen.len(), first.rejected.len());
-    let mut kept = Vec::with_capacity(ds.rows.len());
-    for row in std::mem::take(&mut ds.rows) {
-        let bad = if row.chosen.len() != k1 {
-            Some(("chosen", row.chosen.len(), k1))
-        } else if row.rejected.len() != r {
-            Some(("rejected", row.rejected.len(), r))
-        } else {
-            None
-        };
-        match bad {
-            None => kept.push(row),
-            Some((field, n, want)) => {
-                let e = RowError {
-                    path: path.to_path_buf(),
-                    line: row.line,
-                    field: field.into(),
-                    msg: format!("has {n} responses but the rows before it have {want}: every row of a run needs the same count"),
-                };
-                if !skip {
-                    return Err(anyhow::Error::new(e)
-                        .context("bad row (pass --skip-bad-rows to skip such rows)"));
-                }
-                ds.skipped.push(e);
-            }
-        }
-    }
-    ds.rows = kept;
-    Ok((k1, r))
-}
-
-/// Load and check one split.
-fn load_split(
-    path: Option<&Path>,
-    tok: Option<&crate::tokenizer::TextTokenizer>,
-    opts: &EncodeOptions,
-    cfg: &TrainConfig,
-    on: &mut dyn FnMut(Event),
-) -> Result<(Dataset, usize, usize)> {
-    let mut ds = crate::data::load_or_bundled(path, tok, opts, cfg.skip_bad_rows)?;
-    let label = path.map_or_else(
-        || Path::new(crate::embedded::LABEL).join("wrpo_tiny.jsonl"),
-        Path::to_path_buf,
-    );
-    let (k1, r) = check_row_shapes(&mut ds, &label, cfg.skip_bad_rows)?;
-    if !ds.skipped.is_empty() {
-        on(Event::Note(format!(
-            "{}: skipped {} bad rows (first: {})",
-            label.display(),
-            ds.skipped.len(),
-            ds.skipped[0]
-        )));
-    }
-    if cfg.loss_type.blends() && k1 < 2 {
-        bail!(
-            "{}: --loss-type {:?} needs at least 2 chosen responses per row (K ≥ 1 sources, then the target); these rows have {k1}. Use --loss-type dpo|simpo|ipo for pairwise data",
-            label.display(),
-            cfg.loss_type
-        );
-    }
-    Ok((ds, k1, r))
 }
 
 /// Run `train` on one device. `B` is the inner backend; the policy trains on `Autodiff<B>`.
@@ -386,192 +326,4 @@ impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
             )
         })
     }
-}
-
-/// Move a seeded `fraction` of the rows (at least one) into an eval split.
-fn hold_out(rows: &mut Vec<Encoded>, fraction: f64, seed: u64) -> Result<Vec<Encoded>> {
-    let n = rows.len();
-    let k = ((fraction * n as f64).ceil() as usize).max(1);
-    if k >= n {
-        bail!("eval_fraction {fraction} leaves no training rows out of {n}");
-    }
-    let order = epoch_order(n, usize::MAX, true, seed);
-    let mut is_eval = vec![false; n];
-    order[..k].iter().for_each(|&i| is_eval[i] = true);
-    let (mut train, mut eval) = (vec![], vec![]);
-    for (i, row) in std::mem::take(rows).into_iter().enumerate() {
-        if is_eval[i] {
-            eval.push(row)
-        } else {
-            train.push(row)
-        }
-    }
-    *rows = train;
-    Ok(eval)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn evaluate<B: KernelBackend>(
-    cfg: &TrainConfig,
-    model_cfg: &LlamaConfig,
-    params: &Flat<B>,
-    reference: &Reference<B>,
-    eval: &[Encoded],
-    step: usize,
-    alpha: f64,
-    layout: Layout,
-    device: &B::Device,
-) -> Map<String, Value> {
-    let model = params.model(model_cfg);
-    let loss_cfg = loss_config(cfg, alpha);
-    let (mut meter, mut loss_sum) = (Meter::default(), 0.0);
-    let idx: Vec<usize> = (0..eval.len()).collect();
-    for chunk in idx.chunks(cfg.per_device_train_batch_size) {
-        let batch: Vec<&Encoded> = chunk.iter().map(|&i| &eval[i]).collect();
-        let (loss, rows) = eval_step(
-            model_cfg, &model, reference, &loss_cfg, &batch, chunk, layout, device,
-        );
-        loss_sum += loss * chunk.len() as f64;
-        rows.iter().for_each(|row| meter.add(row));
-    }
-    let mut rec = Map::new();
-    rec.insert("step".into(), step.into());
-    rec.insert("eval/loss".into(), json_f64(loss_sum / eval.len() as f64));
-    meter.write_into("eval/", &mut rec);
-    rec
-}
-
-/// The reference log-probs for the training and eval splits.
-#[allow(clippy::too_many_arguments)]
-fn build_reference<B: KernelBackend>(
-    job: &TrainJob,
-    peer: &mut Peer<B>,
-    source: &ModelSource,
-    initial: wrpo_models::Llama<B>,
-    rows: &[Encoded],
-    all_lines: &[usize],
-    eval: &[Encoded],
-    pad: u32,
-    device: &B::Device,
-    on: &mut dyn FnMut(Event),
-) -> Result<(Reference<B>, Reference<B>)> {
-    let (cfg, paths) = (&job.cfg, &job.paths);
-    if !cfg.loss_type.needs_reference() {
-        return Ok((Reference::None, Reference::None));
-    }
-    let ref_source = match &paths.ref_model {
-        Some(d) => ModelSource::Dir(d.clone()),
-        None => source.clone(),
-    };
-    if let Some(file) = &paths.ref_logps {
-        let table = refcache::read_logps_file(file, rows, all_lines)?;
-        on(Event::Note(format!(
-            "reference log-probs from {}",
-            file.display()
-        )));
-        let eval_ref = if eval.is_empty() {
-            Reference::None
-        } else {
-            let model = load_ref(&ref_source, paths, initial, device)?;
-            Reference::Table(refcache::compute(
-                &model,
-                &cfg.model_config(&ref_source)?,
-                eval,
-                pad,
-                cfg.head(),
-                device,
-                cfg.per_device_train_batch_size,
-            ))
-        };
-        return Ok((Reference::Table(table), eval_ref));
-    }
-    let model = load_ref(&ref_source, paths, initial, device)?;
-    let model_cfg = cfg.model_config(&ref_source)?;
-    if !cfg.precompute_ref {
-        let m2 = model.clone();
-        return Ok((
-            Reference::Model(Box::new(model), Box::new(model_cfg.clone())),
-            Reference::Model(Box::new(m2), Box::new(model_cfg)),
-        ));
-    }
-    let mut tables = vec![];
-    for split in [rows, eval] {
-        let key = refcache::key(&ref_source, split)?;
-        let path = paths
-            .cache_dir
-            .join("ref-logps")
-            .join(format!("{key}.json"));
-        let cached = refcache::load(&path, split)?;
-        if peer.world().size() > 1 {
-            // Data-parallel: each peer scores its share, one all-reduce shares the table.
-            let batch = cfg.per_device_train_batch_size;
-            let t = refcache::compute_shared(
-                peer,
-                cached.as_deref(),
-                &model,
-                &model_cfg,
-                split,
-                pad,
-                cfg.head(),
-                device,
-                batch,
-            )?;
-            if cached.is_none() && peer.writes() {
-                refcache::store(&path, &t)?;
-            }
-            on(Event::Note(format!(
-                "reference log-probs: {} rows, {} by {} peers, cache {}",
-                split.len(),
-                if cached.is_some() { "read" } else { "computed" },
-                peer.world().size(),
-                path.display()
-            )));
-            tables.push(Reference::Table(t));
-            continue;
-        }
-        let table = match cached {
-            Some(t) => {
-                on(Event::Note(format!(
-                    "reference log-probs: cached {}",
-                    path.display()
-                )));
-                t
-            }
-            None => {
-                let t = refcache::compute(
-                    &model,
-                    &model_cfg,
-                    split,
-                    pad,
-                    cfg.head(),
-                    device,
-                    cfg.per_device_train_batch_size,
-                );
-                refcache::store(&path, &t)?;
-                on(Event::Note(format!(
-                    "reference log-probs: computed for {} rows, cached {}",
-                    split.len(),
-                    path.display()
-                )));
-                t
-            }
-        };
-        tables.push(Reference::Table(table));
-    }
-    drop(model); // the reference model is not needed again
-    let eval_ref = tables.pop().expect("two");
-    Ok((tables.pop().expect("two"), eval_ref))
-}
-
-fn load_ref<B: KernelBackend>(
-    ref_source: &ModelSource,
-    paths: &RunPaths,
-    initial: wrpo_models::Llama<B>,
-    device: &B::Device,
-) -> Result<wrpo_models::Llama<B>> {
-    if paths.ref_model.is_none() {
-        return Ok(initial);
-    }
-    let (m, _) = ref_source.load::<B>(device)?;
-    Ok(m)
 }
