@@ -3,12 +3,10 @@
 //! field or flag at fault, and no "internal failure". All cases run, then every failure is
 //! reported together.
 
+mod common;
+use common::fixtures;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 /// A copy of the `llama-tied` fixture folder under `dir/name`, with `edit` applied to it.
 fn model_copy(dir: &Path, name: &str, edit: impl FnOnce(&Path)) -> PathBuf {

@@ -1,26 +1,8 @@
 //! The `wrpo-engine` binary end to end: exit codes, messages, output contract.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+use common::{bin, fixtures, stderr, tmp};
 use wrpo_tests::{assert_close, tol};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wrpo-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[test]
 fn embedded_default_runs_and_keeps_the_output_contract() {

@@ -5,26 +5,17 @@
 //! peer, a killed or unreachable orchestrator) that end every process with an error in bounded
 //! time and leave the last checkpoint intact.
 
+mod common;
+use common::{bin, stderr, tmp};
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wrpo_engine_core::train::state::read_safetensors;
 use wrpo_tests::{assert_close, paired_weights, tol};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wrpo-dp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A port nobody listens on right now (bind to port 0, read it, close).
 fn free_port() -> u16 {
@@ -136,10 +127,6 @@ fn fails_within(child: &mut Guard, since: Instant, who: &str, event: &str) -> St
         since.elapsed().as_secs_f64()
     );
     last
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn metrics(out: &Path) -> Vec<BTreeMap<String, f64>> {

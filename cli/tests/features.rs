@@ -1,39 +1,19 @@
 //! Documented `train` features checked by what they must change: `--ref-model` (the reference is
-//! another model, checked against PyTorch's log-probs of that model) and `--eval-data` (the eval
-//! record describes the eval file's rows, checked against `logps` on them).
+//! another model, checked against PyTorch's log-probs of that model), `--eval-data` (the eval
+//! record describes the eval file's rows, checked against `logps` on them), the logging and eval
+//! intervals, and the folders `train` / `sft` save (the ones transformers loaded).
 
+mod common;
+use common::{bin, fixtures, lines, stderr, tmp};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
 use wrpo_tests::{assert_close, tol};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wrpo-feat-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     o
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn num(v: &Value, key: &str) -> f64 {

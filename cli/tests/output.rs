@@ -1,27 +1,10 @@
 //! The output folder's contracts: one run at a time (a lock), an earlier run's files are moved
 //! aside rather than mixed with a fresh run's, and `--resume` refuses other data.
 
+mod common;
+use common::{bin, fixtures, stderr, tmp};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wrpo-out-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
 
 /// `train` of the tied fixture model on `data` into `out`, with `extra` flags.
 fn train(out: &Path, data: &Path, extra: &[&str]) -> Command {

@@ -1,29 +1,12 @@
 //! `sample`, `score` and `build-dataset` end to end: exit codes, messages, output files.
 
+mod common;
+use common::{bin, fixtures, lines, stderr, tmp};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{json, Value};
 use wrpo_tests::{assert_close, tol};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wrpo-engine"))
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wrpo-pipe-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn run(args: &[&str], paths: &[(&str, &Path)]) -> Output {
     let mut c = bin();
@@ -32,14 +15,6 @@ fn run(args: &[&str], paths: &[(&str, &Path)]) -> Output {
         c.arg(flag).arg(p);
     }
     c.output().unwrap()
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) {
