@@ -37,7 +37,7 @@ rm -f "$out/failed"
     --shape 8,256,128256 --shape 4,2048,128256 --shape 8,1024,32000 --shape 2,512,151936 \
     --attention 1,32,8,2048,128 --attention 2,32,8,1024,128 --attention 1,9,3,4096,64 \
     | tee "$out/bench_cuda.jsonl" || echo "benchmarks failed" >> "$out/failed"
-  echo "== one WRPO update of a 1B-class LLaMA at T 2048: fused vs dense LM head, tiled vs dense attention, checkpointing (peak = pool reservation)"
+  echo "== one WRPO update of a 1B-class LLaMA at T 2048: fused vs dense LM head, tiled vs dense attention, checkpointing (peak = pool reservation, beside the memory plan's prediction: predicted_peak_mb)"
   for cfg in "fused tiled false" "dense tiled false" "fused dense false" "fused tiled true"; do
     set -- $cfg
     timeout 150 "$engine" bench step --backend cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \

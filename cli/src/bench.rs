@@ -276,6 +276,10 @@ pub struct StepRecord {
     /// update, MiB: `peak_mb − base_mb` is what the updates themselves add (activations, logits,
     /// gradients, AdamW moments).
     pub base_mb: Option<f64>,
+    /// The memory plan's predicted peak for this update (`wrpo-engine plan`), MiB: the
+    /// process's on the CPU, the pool's on CubeCL backends.
+    #[serde(default)]
+    pub predicted_peak_mb: Option<f64>,
     /// The LM-head path (`fused` or `dense`).
     pub lm_head_impl: wrpo_engine_core::logps::HeadImpl,
     /// The attention (`tiled, block N` or `dense`).
@@ -340,6 +344,23 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         backend,
         &wrpo_engine_core::memory::step_buffers(&cfg, 3 * shape.batch, shape.seq, head, attn),
     )?;
+    let predicted = wrpo_engine_core::memory::plan::plan(
+        &cfg,
+        &wrpo_engine_core::memory::plan::Workload {
+            sequences: 3 * shape.batch,
+            tokens: shape.seq,
+            micro_batches: 1,
+            head,
+            attn,
+            checkpoint,
+            reference: wrpo_engine_core::memory::plan::ReferenceMemory::Model,
+            host: B::reserved_bytes(device).is_none(),
+            pool_page: wrpo_engine_core::train::driver::wgpu_pool_page::<B>(device),
+            // The completions: every sequence past its prompt quarter.
+            scored: Some((3 * shape.batch * (shape.seq - shape.seq / 4)) as u64),
+        },
+    )
+    .peak;
     let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
     let mut params = Flat::of_model(&model);
     let reference = Reference::Model(Box::new(model), Box::new(cfg.clone()));
@@ -419,6 +440,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         tokens_per_second: (3 * shape.batch * shape.seq) as f64 / med,
         peak_mb: peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         base_mb: base.map(|b| b as f64 / (1024.0 * 1024.0)),
+        predicted_peak_mb: Some(predicted as f64 / (1024.0 * 1024.0)),
         lm_head_impl: head.imp,
         attn_implementation: match attn {
             wrpo_kernels::attention::AttentionImpl::Tiled { block } => {

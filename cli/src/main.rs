@@ -14,6 +14,7 @@ use wrpo_engine_core::model::{AttnImpl, ModelSource};
 
 mod bench;
 mod build_dataset;
+mod plan;
 mod plot;
 mod sample;
 mod score;
@@ -63,6 +64,12 @@ enum Command {
     /// Backend benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The predicted peak device memory of one `train` / `sft` update, in parts (weights,
+    /// gradients, optimizer, reference, activations, logits / head, workspace), from the model's
+    /// config.json and the settings alone; with --memory (or --backend), whether it fits and the
+    /// largest micro-batch that does.
+    #[command(allow_negative_numbers = true)]
+    Plan(Box<plan::PlanCmd>),
     /// Run the orchestrator of a multi-node (`--nodes N`) train or sft run until interrupted.
     ///
     /// Every node registers with it (`--orchestrator HOST:PORT`) before each update's all-reduce,
@@ -313,6 +320,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => score::score(args),
         Command::BuildDataset(args) => build_dataset::build_dataset(args),
         Command::Backends => backends(),
+        Command::Plan(a) => plan::plan_cmd(*a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Step(a)) => bench_step(a),
         Command::Orchestrator { port } => {
@@ -443,9 +451,9 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
     let print = |r: &StepRecord| {
         let mb = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
         println!(
-            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {} head {:?} attention {} checkpointing {}: {:.1} ms/update, {:.0} policy tokens/s, peak {} (before the first update {})",
+            "wrpo step on {}: H={} L={} V={} batch {}×3 seq {} head {:?} attention {} checkpointing {}: {:.1} ms/update, {:.0} policy tokens/s, peak {} (before the first update {}; the memory plan predicts {})",
             r.backend, a.hidden, a.layers, a.vocab, a.batch, r.shape.seq, r.lm_head_impl, r.attn_implementation, r.gradient_checkpointing,
-            r.step_ms_median, r.tokens_per_second, mb(r.peak_mb), mb(r.base_mb)
+            r.step_ms_median, r.tokens_per_second, mb(r.peak_mb), mb(r.base_mb), mb(r.predicted_peak_mb)
         );
     };
     if a.seq.len() > 1 {

@@ -154,6 +154,28 @@ pub enum Recipe {
     Sft,
 }
 
+/// The run's settings: the recipe's defaults (and the built-in model's preset without
+/// `--model`), then the YAML file, then the flags.
+pub fn settings_of(
+    recipe: Recipe,
+    embedded: bool,
+    config: Option<&std::path::Path>,
+    flags: &crate::settings::Settings,
+) -> Result<TrainConfig> {
+    let mut defaults = TrainConfig::default();
+    match recipe {
+        Recipe::Train if embedded => embedded_preset().apply(&mut defaults),
+        Recipe::Train => {}
+        Recipe::Sft => {
+            sft_preset().apply(&mut defaults);
+            if embedded {
+                sft_embedded_preset().apply(&mut defaults);
+            }
+        }
+    }
+    resolve(defaults, config, &flags.0)
+}
+
 pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
     if a.model.is_some() && a.data.is_none() {
         anyhow::bail!(
@@ -164,18 +186,7 @@ pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
     if recipe == Recipe::Sft && train_only {
         anyhow::bail!("--ref-model, --ref-logps and --eval-data are `train` options; `sft` has no reference model or eval split");
     }
-    let mut defaults = TrainConfig::default();
-    match (recipe, a.model.is_none()) {
-        (Recipe::Train, true) => embedded_preset().apply(&mut defaults),
-        (Recipe::Train, false) => {}
-        (Recipe::Sft, embedded) => {
-            sft_preset().apply(&mut defaults);
-            if embedded {
-                sft_embedded_preset().apply(&mut defaults);
-            }
-        }
-    }
-    let cfg = resolve(defaults, a.config.as_deref(), &a.settings.0)?;
+    let cfg = settings_of(recipe, a.model.is_none(), a.config.as_deref(), &a.settings)?;
     eprintln!("training configuration:\n{}", indent(&cfg.to_yaml()));
     let job = TrainJob {
         cfg,

@@ -658,6 +658,22 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
             ],
             &["--attn-implementation tiled", "attention scores", "MiB"],
         ),
+        // plan.
+        case(
+            "plan: a memory size in an unknown unit",
+            &["plan", "--memory", "80XB"],
+            &["--memory", "80XB", "unknown unit"],
+        ),
+        case(
+            "plan: sft with several sequences per row",
+            &["plan", "--recipe", "sft", "--sequences-per-row", "3"],
+            &["--sequences-per-row", "sft"],
+        ),
+        case(
+            "plan: a model folder without config.json",
+            &["plan", "--model", &p("no-such-model")],
+            &["no-such-model", "config.json"],
+        ),
         // export-tiny.
         case(
             "export-tiny into a file",

@@ -18,12 +18,20 @@ pub trait MemoryProbe: Backend {
     fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
         None
     }
+    /// The memory a training run may use on the device, if known (CUDA: the device's total
+    /// memory; the CPU: the host's available memory). wgpu adapters do not report theirs.
+    fn device_memory_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
 }
 
 /// The CPU: no buffer can be larger than the memory the host has available (Linux
 /// `MemAvailable`); an allocation past it would end in the kernel's OOM killer, not an error.
 impl MemoryProbe for burn::backend::Flex {
     fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
+        host_available_bytes()
+    }
+    fn device_memory_bytes(_device: &Self::Device) -> Option<u64> {
         host_available_bytes()
     }
 }
@@ -52,6 +60,12 @@ where
     fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
         Some(R::client(device).properties().memory.max_page_size)
     }
+    /// CUDA: cubecl-cuda 0.10 sets the largest page to a quarter of `cuDeviceTotalMem`
+    /// (`runtime.rs`), so the total is four pages. Other runtimes: unknown.
+    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
+        let client = R::client(device);
+        (R::name(&client) == "cuda").then(|| 4 * client.properties().memory.max_page_size)
+    }
 }
 
 impl<B: MemoryProbe, C: CheckpointStrategy> MemoryProbe for Autodiff<B, C> {
@@ -60,5 +74,8 @@ impl<B: MemoryProbe, C: CheckpointStrategy> MemoryProbe for Autodiff<B, C> {
     }
     fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
         B::max_buffer_bytes(device)
+    }
+    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
+        B::device_memory_bytes(device)
     }
 }

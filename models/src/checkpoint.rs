@@ -18,12 +18,12 @@ use crate::llama::{param_specs, Llama};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not also a `source`: an error chain would print it twice).
+        cause: std::io::Error,
     },
     /// A file's content is invalid.
     #[error("{path}: {msg}")]
@@ -62,9 +62,9 @@ fn list_problems(missing: &[String], unexpected: &[String], wrong: &[String]) ->
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
+    move |cause| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

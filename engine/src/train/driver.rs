@@ -173,6 +173,18 @@ pub struct Setup<'a> {
     pub pad: u32,
 }
 
+/// The largest page of the device's memory pool where the plan models its rounding: CubeCL
+/// backends that do not report their memory (wgpu); not CUDA, whose pages are a quarter of the GPU.
+pub fn wgpu_pool_page<B: wrpo_kernels::KernelBackend>(device: &B::Device) -> Option<u64> {
+    (B::reserved_bytes(device).is_some() && B::device_memory_bytes(device).is_none())
+        .then(|| B::max_buffer_bytes(device))
+        .flatten()
+}
+
+/// An environment variable that caps the device memory `train` and `sft` check their memory plan
+/// against (e.g. `WRPO_MEMORY_LIMIT=20GiB` to leave room for other processes).
+pub const MEMORY_LIMIT_ENV: &str = "WRPO_MEMORY_LIMIT";
+
 impl<'a> Setup<'a> {
     /// Validate the configuration; resolve the model, its config and tokenizer.
     pub fn new(job: &'a TrainJob) -> Result<Self> {
@@ -200,26 +212,66 @@ impl<'a> Setup<'a> {
         })
     }
 
-    /// Refuse, before any weight is loaded, a step whose largest buffers (forwards of `n`
-    /// sequences of up to `t` tokens) the device cannot allocate ([`crate::memory`]).
-    pub fn check_buffers<B: wrpo_kernels::KernelBackend>(
+    /// Before any weight is loaded or anything written: refuse a step whose largest buffers
+    /// (forwards of `rows` rows of `sequences_per_row` sequences of up to `t` tokens) the device
+    /// cannot allocate ([`crate::memory`]); print the memory plan ([`crate::memory::plan`]) and
+    /// stop, naming settings that fit, when it exceeds the device's memory.
+    pub fn check_memory<B: wrpo_kernels::KernelBackend>(
         &self,
-        n: usize,
+        sft: bool,
+        units: usize,
+        sequences_per_row: usize,
         t: usize,
         device: &B::Device,
+        on: &mut dyn FnMut(Event),
     ) -> Result<()> {
+        use crate::memory::plan;
+        let cfg = &self.job.cfg;
+        let rows = cfg.per_device_train_batch_size.min(units.max(1));
         let buffers = crate::memory::step_buffers(
             &self.model_cfg,
-            n,
+            rows * sequences_per_row,
             t,
-            self.job.cfg.head(),
+            cfg.head(),
             self.model_cfg.attn_implementation,
         );
-        crate::memory::check_buffers(
-            B::max_buffer_bytes(device),
-            &format!("the device ({})", B::name(device)),
-            &buffers,
-        )
+        let name = format!("the device ({})", B::name(device));
+        crate::memory::check_buffers(B::max_buffer_bytes(device), &name, &buffers)?;
+        let run = plan::Run {
+            sft,
+            ref_table: self.job.paths.ref_logps.is_some(),
+            sequences_per_row,
+            tokens: t,
+            host: B::reserved_bytes(device).is_none(),
+            pool_page: wgpu_pool_page::<B>(device),
+        };
+        let mut w = plan::Workload::of(cfg, &run);
+        w.sequences = rows * sequences_per_row;
+        // Micro-batches of this peer's share of an update (fewer when the data is short).
+        let per_update = (cfg.per_device_train_batch_size)
+            .saturating_mul(cfg.gradient_accumulation_steps)
+            .min(units.max(1));
+        w.micro_batches = per_update.div_ceil(rows);
+        let p = plan::plan(&self.model_cfg, &w);
+        let memory = match std::env::var(MEMORY_LIMIT_ENV) {
+            Ok(v) => {
+                let cap = plan::parse_memory(&v)
+                    .map_err(|e| anyhow::anyhow!("{MEMORY_LIMIT_ENV}: {e}"))?;
+                Some(B::device_memory_bytes(device).map_or(cap, |m| m.min(cap)))
+            }
+            Err(_) => B::device_memory_bytes(device),
+        };
+        on(Event::Note(format!(
+            "memory plan ({}; {}):\n{}",
+            B::name(device),
+            memory.map_or("the device does not report its memory".into(), |m| {
+                format!("{} available", plan::human(m))
+            }),
+            p.render().trim_end()
+        )));
+        plan::check_fits(&p, memory, &name, |m| {
+            plan::advice(&self.model_cfg, cfg, &run, m)
+        })
     }
 
     /// The plan over `units` (rows or packed sequences); the writing peer creates the output

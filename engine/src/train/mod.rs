@@ -169,7 +169,6 @@ pub fn run_train_peer<B: KernelBackend>(
         (None, false) => vec![],
     };
     let rows = train.rows;
-    let plan = setup.plan(rows.len(), peer)?;
     let longest = rows
         .iter()
         .chain(&eval)
@@ -184,10 +183,15 @@ pub fn run_train_peer<B: KernelBackend>(
         })
         .max()
         .unwrap_or(0);
-    let micro = cfg
-        .per_device_train_batch_size
-        .min(rows.len().max(eval.len()));
-    setup.check_buffers::<B>(micro * (k1 + r), longest, device)?;
+    setup.check_memory::<B>(
+        false,
+        rows.len().max(eval.len()),
+        k1 + r,
+        longest,
+        device,
+        on,
+    )?;
+    let plan = setup.plan(rows.len(), peer)?;
     on(Event::Note(format!(
         "model {} · {} training rows ({} chosen + {} rejected each){} · {} updates of {} rows",
         setup.source.label(),

@@ -238,7 +238,6 @@ pub fn run_sft_peer<B: KernelBackend>(
     } else {
         (0..rows.len()).map(|i| vec![i]).collect()
     };
-    let plan = setup.plan(units.len(), peer)?;
     let longest = if cfg.packing {
         cfg.max_length
     } else {
@@ -247,11 +246,8 @@ pub fn run_sft_peer<B: KernelBackend>(
             .max()
             .unwrap_or(0)
     };
-    setup.check_buffers::<B>(
-        cfg.per_device_train_batch_size.min(units.len()),
-        longest,
-        device,
-    )?;
+    setup.check_memory::<B>(true, units.len(), 1, longest, device, on)?;
+    let plan = setup.plan(units.len(), peer)?;
     on(Event::Note(format!(
         "sft: model {} · {} examples{} · loss on {} · {} updates of {} {}",
         setup.source.label(),

@@ -7,6 +7,8 @@
 //! Shapes: `N` sequences in one forward, `T` their padded length, `V` vocabulary, `H` hidden,
 //! `I` MLP width, `NH` attention heads.
 
+pub mod plan;
+
 use anyhow::{bail, Result};
 use wrpo_kernels::attention::AttentionImpl;
 use wrpo_models::LlamaConfig;
