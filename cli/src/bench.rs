@@ -724,3 +724,113 @@ pub fn bench_attention<B: wrpo_kernels::attention::AttentionBackend>(
         grad_max_rel_err,
     }
 }
+
+/// Shape of a `bench sample` run (same knobs as `tests/reference/bench_generate.py`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SampleShape {
+    /// H.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// NH.
+    pub heads: usize,
+    /// NKV.
+    pub kv_heads: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// V.
+    pub vocab: usize,
+    /// Tied input and output embeddings.
+    pub tied: bool,
+    /// Prompts decoded together.
+    pub batch: usize,
+    /// Tokens per prompt.
+    pub prompt_len: usize,
+    /// Tokens generated per prompt (no stop token: every row runs to the end).
+    pub new_tokens: usize,
+}
+
+/// Result of `bench sample`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleRecord {
+    /// Always `greedy_decode`.
+    pub op: String,
+    /// The backend.
+    pub backend: String,
+    /// The model and batch.
+    pub shape: SampleShape,
+    /// Median wall time of one whole generation (prefill + every step), ms.
+    pub generate_ms_median: f64,
+    /// Generated tokens per second (`batch · new_tokens` per generation, as the PyTorch script
+    /// counts).
+    pub tokens_per_second: f64,
+}
+
+/// Time greedy generation (`wrpo-engine sample`'s decode loop: KV-cache prefill of the prompts,
+/// then one token per row per step, logits of the last position only, host-side greedy pick) of a
+/// random LLaMA on random prompt ids: `warmup` untimed generations, then `reps` timed.
+pub fn bench_sample<B: wrpo_kernels::KernelBackend>(
+    device: &B::Device,
+    backend: &str,
+    shape: SampleShape,
+    reps: usize,
+    warmup: usize,
+    seed: u64,
+) -> anyhow::Result<SampleRecord> {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use wrpo_engine_core::pipeline::sample::{generate, GenerateOptions};
+    use wrpo_engine_core::pipeline::sampler::SamplerConfig;
+
+    let cfg = wrpo_models::LlamaConfig::tiny(
+        shape.vocab,
+        shape.hidden,
+        shape.intermediate,
+        shape.layers,
+        shape.heads,
+        shape.kv_heads,
+        shape.tied,
+    );
+    let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let prompts: Vec<Vec<u32>> = (0..shape.batch)
+        .map(|_| {
+            (0..shape.prompt_len)
+                .map(|_| rng.random_range(0..shape.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let opts = GenerateOptions {
+        n: 1,
+        max_new_tokens: shape.new_tokens,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        stop_ids: vec![],
+        pad_id: 0,
+        seed,
+    };
+    let mut times = vec![];
+    for i in 0..warmup + reps.max(1) {
+        let t0 = Instant::now();
+        let out = generate(&model, &cfg, &prompts, 0, &opts, device, &mut |_| {});
+        let made: usize = out.iter().flatten().map(|g| g.tokens.len()).sum();
+        anyhow::ensure!(
+            made == shape.batch * shape.new_tokens,
+            "bench sample: {made} tokens generated, expected {}",
+            shape.batch * shape.new_tokens
+        );
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(times);
+    Ok(SampleRecord {
+        op: "greedy_decode".into(),
+        backend: backend.to_string(),
+        shape,
+        generate_ms_median: med * 1e3,
+        tokens_per_second: (shape.batch * shape.new_tokens) as f64 / med,
+    })
+}

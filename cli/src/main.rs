@@ -97,6 +97,10 @@ enum BenchCommand {
     /// LLaMA: policy tokens/s and peak memory. Compare with `tests/reference/bench_step.py` (same
     /// knobs) for the PyTorch ratio.
     Step(BenchStepArgs),
+    /// Greedy generation (`sample`'s KV-cache decode loop) of a random LLaMA on random prompt
+    /// ids: generated tokens/s. Defaults: the 135M SmolLM-style configuration. Compare with
+    /// `tests/reference/bench_generate.py` (same knobs) for the transformers `generate` ratio.
+    Sample(BenchSampleArgs),
 }
 
 #[derive(Args)]
@@ -150,6 +154,54 @@ struct BenchStepArgs {
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Seed of the model and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON record on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchSampleArgs {
+    #[command(flatten)]
+    backend: BackendArg,
+    /// Hidden size H.
+    #[arg(long, default_value_t = 576)]
+    hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 30)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 9)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 3)]
+    kv_heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 1536)]
+    intermediate: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 49152)]
+    vocab: usize,
+    /// Tied input and output embeddings.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    tied: bool,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Timed generations (median reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Untimed generations first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seed of the model and prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// One JSON record on standard output.
@@ -323,6 +375,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan::plan_cmd(*a),
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Step(a)) => bench_step(a),
+        Command::Bench(BenchCommand::Sample(a)) => bench_sample(a),
         Command::Orchestrator { port } => {
             eprintln!(
                 "orchestrator: listening on 0.0.0.0:{port}, round gate on 0.0.0.0:{} (Ctrl-C to stop)",
@@ -427,6 +480,45 @@ fn logps(a: LogpsArgs) -> Result<()> {
         None => std::io::stdout()
             .write_all(text.as_bytes())
             .context("writing to standard output")?,
+    }
+    Ok(())
+}
+
+fn bench_sample(a: BenchSampleArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.heads > 0
+            && a.kv_heads > 0
+            && a.heads.is_multiple_of(a.kv_heads)
+            && a.hidden.is_multiple_of(a.heads),
+        "--heads must divide --hidden and be a multiple of --kv-heads"
+    );
+    anyhow::ensure!(
+        a.batch > 0 && a.prompt_len > 0 && a.max_new_tokens > 0 && a.vocab > 0,
+        "--batch, --prompt-len, --max-new-tokens and --vocab must be at least 1"
+    );
+    let shape = crate::bench::SampleShape {
+        hidden: a.hidden,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        intermediate: a.intermediate,
+        vocab: a.vocab,
+        tied: a.tied,
+        batch: a.batch,
+        prompt_len: a.prompt_len,
+        new_tokens: a.max_new_tokens,
+    };
+    let selected = device(a.backend.backend)?;
+    let label = selected.to_string();
+    let r = dispatch!(selected, B, device => crate::bench::bench_sample::<B>(&device, &label, shape, a.reps, a.warmup, a.seed))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "greedy decode on {}: H={} L={} V={} batch {} prompt {} + {} new tokens: {:.1} ms per generation, {:.1} generated tokens/s",
+            r.backend, a.hidden, a.layers, a.vocab, a.batch, a.prompt_len, a.max_new_tokens,
+            r.generate_ms_median, r.tokens_per_second
+        );
     }
     Ok(())
 }

@@ -390,3 +390,24 @@ fn bench_kernels_json_records() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
 }
+
+#[test]
+fn bench_sample_json_record() {
+    // A tiny model: the record's shape and counts (the bench itself checks that every row
+    // generated exactly --max-new-tokens tokens).
+    let o = bin()
+        .args(["bench", "sample", "--backend", "cpu", "--json", "--reps", "1", "--warmup", "0"])
+        .args("--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 256 --batch 3 --prompt-len 5 --max-new-tokens 4".split_whitespace())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["op"], "greedy_decode");
+    assert_eq!(r["shape"]["batch"], 3);
+    assert_eq!(r["shape"]["new_tokens"], 4);
+    let (ms, tps) = (
+        r["generate_ms_median"].as_f64().unwrap(),
+        r["tokens_per_second"].as_f64().unwrap(),
+    );
+    assert!(ms > 0.0 && (tps * ms / 1e3 - 12.0).abs() < 1e-6, "{r}");
+}

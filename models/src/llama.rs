@@ -8,7 +8,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use wrpo_kernels::attention::{repeat_kv, AttentionBackend, AttentionImpl};
@@ -26,8 +26,27 @@ pub struct HfLinear<B: Backend> {
 impl<B: Backend> HfLinear<B> {
     /// `y = x Wᵀ`. Shapes: `[..., in]` → `[..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(x, self.weight.val().transpose(), None)
+        linear_t(x, self.weight.val())
     }
+}
+
+/// `y = x Wᵀ` for a weight in the checkpoint layout `[out, in]`, as one 2-D matmul over the
+/// flattened leading dimensions with the transposed weight as a strided view. Burn's `linear`
+/// reshapes the transposed weight to rank `D`, and a reshape of a non-contiguous view copies it
+/// (burn-flex: `to_contiguous`; CubeCL: a copy kernel): every weight, on every call. Measured on
+/// the CPU: 45 % of a decode step's time.
+///
+/// # Shapes
+/// - `x`: `[..., in]`; `weight`: `[out, in]`; returns `[..., out]`
+pub fn linear_t<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [out, inn] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let mut shape = dims;
+    shape[D - 1] = out;
+    x.reshape([rows, inn])
+        .matmul(weight.transpose())
+        .reshape(shape)
 }
 
 /// RMSNorm: `w · x / sqrt(mean(x²) + ε)` (transformers `LlamaRMSNorm`, f32 throughout).
@@ -587,7 +606,7 @@ impl<B: Backend> Llama<B> {
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => linear(hidden, self.model.embed_tokens.val().transpose(), None),
+            None => linear_t(hidden, self.model.embed_tokens.val()),
         }
     }
 }
