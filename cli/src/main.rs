@@ -484,14 +484,17 @@ fn logps(a: LogpsArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_sample(a: BenchSampleArgs) -> Result<()> {
+/// The `bench` models' head counts: `--heads` divides `--hidden` and is a multiple of `--kv-heads`.
+fn check_heads(hidden: usize, heads: usize, kv_heads: usize) -> Result<()> {
     anyhow::ensure!(
-        a.heads > 0
-            && a.kv_heads > 0
-            && a.heads.is_multiple_of(a.kv_heads)
-            && a.hidden.is_multiple_of(a.heads),
+        heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads) && hidden.is_multiple_of(heads),
         "--heads must divide --hidden and be a multiple of --kv-heads"
     );
+    Ok(())
+}
+
+fn bench_sample(a: BenchSampleArgs) -> Result<()> {
+    check_heads(a.hidden, a.heads, a.kv_heads)?;
     anyhow::ensure!(
         a.batch > 0 && a.prompt_len > 0 && a.max_new_tokens > 0 && a.vocab > 0,
         "--batch, --prompt-len, --max-new-tokens and --vocab must be at least 1"
@@ -525,13 +528,7 @@ fn bench_sample(a: BenchSampleArgs) -> Result<()> {
 
 fn bench_step(a: BenchStepArgs) -> Result<()> {
     use crate::bench::{bench_step, StepRecord, StepShape};
-    anyhow::ensure!(
-        a.heads > 0
-            && a.kv_heads > 0
-            && a.heads.is_multiple_of(a.kv_heads)
-            && a.hidden.is_multiple_of(a.heads),
-        "--heads must divide --hidden and be a multiple of --kv-heads"
-    );
+    check_heads(a.hidden, a.heads, a.kv_heads)?;
     anyhow::ensure!(
         !a.seq.is_empty() && a.seq.iter().all(|&t| t >= 4) && a.batch > 0 && a.vocab > 0,
         "--seq ≥ 4 (each length of the list), --batch ≥ 1, --vocab ≥ 1"

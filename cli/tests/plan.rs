@@ -165,18 +165,22 @@ fn a_run_that_cannot_fit_stops_in_under_a_second_with_the_plan_and_advice() {
     // A limit between the two: only --precompute-ref fits.
     let limit = peak - 2 * params;
     let out = d.join("out");
+    // `recipe` on the fixture rows into `out`, with the device memory capped at `limit`.
+    let run = |limit: String, recipe: &str, settings: &[&str]| {
+        bin()
+            .env("WRPO_MEMORY_LIMIT", limit)
+            .args([recipe, "--backend", "cpu", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(fixtures().join("train/train_rows.jsonl"))
+            .arg("--output")
+            .arg(&out)
+            .args(settings)
+            .output()
+            .unwrap()
+    };
     let t0 = Instant::now();
-    let o = bin()
-        .env("WRPO_MEMORY_LIMIT", limit.to_string())
-        .args(["train", "--backend", "cpu", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(fixtures().join("train/train_rows.jsonl"))
-        .arg("--output")
-        .arg(&out)
-        .args(SETTINGS)
-        .output()
-        .unwrap();
+    let o = run(limit.to_string(), "train", &SETTINGS);
     let secs = t0.elapsed().as_secs_f64();
     let e = stderr(&o);
     eprintln!("{e}\n(stopped after {secs:.2} s)");
@@ -203,16 +207,7 @@ fn a_run_that_cannot_fit_stops_in_under_a_second_with_the_plan_and_advice() {
     assert!(!out.exists(), "{} was created", out.display());
     assert!(secs < 1.0, "took {secs:.2} s to refuse");
     // sft checks the same plan (no reference); with 1 MiB nothing fits, and it says so.
-    let o = bin()
-        .env("WRPO_MEMORY_LIMIT", "1MiB")
-        .args(["sft", "--backend", "cpu", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(fixtures().join("train/train_rows.jsonl"))
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = run("1MiB".into(), "sft", &[]);
     let e = stderr(&o);
     assert!(!o.status.success());
     assert!(
@@ -222,17 +217,7 @@ fn a_run_that_cannot_fit_stops_in_under_a_second_with_the_plan_and_advice() {
         "{e}"
     );
     // With room for the plan, the same run goes on to load the weights (this folder has none).
-    let o = bin()
-        .env("WRPO_MEMORY_LIMIT", (peak + (1 << 20)).to_string())
-        .args(["train", "--backend", "cpu", "--max-steps", "1", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(fixtures().join("train/train_rows.jsonl"))
-        .arg("--output")
-        .arg(&out)
-        .args(SETTINGS)
-        .output()
-        .unwrap();
+    let o = run((peak + (1 << 20)).to_string(), "train", &SETTINGS);
     let e = stderr(&o);
     assert!(
         !e.contains("needs more memory") && e.contains("no model.safetensors"),
