@@ -324,7 +324,8 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
 ) -> anyhow::Result<StepRecord> {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use wrpo_engine_core::data::Encoded;
-    use wrpo_engine_core::train::optim::{clip_global_norm, AdamState, AdamW, Flat};
+    use wrpo_engine_core::train::optim::{clip_global_norm, AdamState, AdamW};
+    use wrpo_engine_core::train::params::Params;
     use wrpo_engine_core::train::step::{micro_step, Layout, Reference};
     use wrpo_kernels::loss::{LossConfig, Objective};
 
@@ -362,7 +363,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     )
     .peak;
     let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
-    let mut params = Flat::of_model(&model);
+    let mut params = Params::full(&model);
     let reference = Reference::Model(Box::new(model), Box::new(cfg.clone()));
     let mut rng = StdRng::seed_from_u64(seed);
     let prompt_len = shape.seq / 4;
@@ -393,7 +394,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         eps: 1e-8,
         weight_decay: 0.0,
     };
-    let mut opt = AdamState::new(&params);
+    let mut opt = AdamState::new(&params.trainable);
     let memory = || match B::reserved_bytes(device) {
         Some(b) => Some(b),
         None => rss_bytes(),
@@ -420,8 +421,11 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         );
         let mut grads = out.grads;
         clip_global_norm(&mut grads, 1.0);
-        adamw.step(1e-6, &mut params, grads, &mut opt);
-        let _ = params.values[0].clone().narrow(0, 0, 1).into_data(); // waits for the update
+        adamw.step(1e-6, &mut params.trainable, grads, &mut opt);
+        let _ = params.trainable.values[0]
+            .clone()
+            .narrow(0, 0, 1)
+            .into_data(); // waits for the update
         sync::<B>(device);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());

@@ -57,6 +57,7 @@ fn arg(s: &wrpo_engine_core::train::config::Setting) -> Arg {
                 })
         }
         Kind::Choice(values) => a.value_parser(possible(values)),
+        Kind::Text => a.value_parser(clap::value_parser!(String)),
     };
     if let Some(alias) = s.alias {
         a = a.visible_alias(alias);
@@ -82,7 +83,9 @@ impl clap::FromArgMatches for Settings {
                 Kind::Unsigned => m.get_one::<u64>(s.name).map(|&x| Value::from(x)),
                 Kind::Signed => m.get_one::<i64>(s.name).map(|&x| Value::from(x)),
                 Kind::Float => m.get_one::<f64>(s.name).map(|&x| Value::from(x)),
-                Kind::Choice(_) => m.get_one::<String>(s.name).map(|x| Value::from(x.clone())),
+                Kind::Choice(_) | Kind::Text => {
+                    m.get_one::<String>(s.name).map(|x| Value::from(x.clone()))
+                }
             };
             if let Some(v) = v {
                 map.insert(s.name.to_string(), v);

@@ -44,6 +44,11 @@ pub struct TrainCmd {
     /// forward during training).
     #[arg(long)]
     ref_logps: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) on top of
+    /// --model: training continues from it (its rank, α and targets unless --lora-r is set,
+    /// which must then agree).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Continue from a checkpoint folder, or from the newest in --output when given no value.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "DIR|latest")]
     resume: Option<PathBuf>,
@@ -197,6 +202,7 @@ pub fn train(a: TrainCmd, recipe: Recipe) -> Result<()> {
             output: a.output,
             ref_model: a.ref_model,
             ref_logps: a.ref_logps,
+            adapter: a.adapter,
             resume: a.resume,
             cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
         },

@@ -166,14 +166,25 @@ pub fn load_checked<R>(
     ignore: &dyn Fn(&str) -> bool,
     build: impl FnOnce(&mut dyn FnMut(&str) -> Vec<f32>) -> R,
 ) -> Result<R, ModelError> {
-    let files = weight_files(dir)?;
+    load_checked_in(dir, &weight_files(dir)?, specs, ignore, build)
+}
+
+/// [`load_checked`] over the given safetensors `files` of `dir` (a PEFT adapter's
+/// `adapter_model.safetensors`, say).
+pub fn load_checked_in<R>(
+    dir: &Path,
+    files: &[PathBuf],
+    specs: &[(String, Vec<usize>)],
+    ignore: &dyn Fn(&str) -> bool,
+    build: impl FnOnce(&mut dyn FnMut(&str) -> Vec<f32>) -> R,
+) -> Result<R, ModelError> {
     let maps = files
         .iter()
         .map(|f| map(f))
         .collect::<Result<Vec<_>, _>>()?;
     let tables = maps
         .iter()
-        .zip(&files)
+        .zip(files)
         .map(|(m, f)| {
             SafeTensors::deserialize(m)
                 .map_err(|e| invalid(f, format!("not a safetensors file: {e}")))
@@ -250,35 +261,19 @@ pub fn save_hf<B: Backend>(
     dir: &Path,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tensors = model.named_tensors();
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = model
+        .named_tensors()
         .into_iter()
         .map(|(name, data)| {
-            let shape = data.shape.clone();
-            let v: Vec<f32> = data.to_vec().expect("f32 data");
-            (
-                name,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                shape.to_vec(),
-            )
+            let shape = data.shape.to_vec();
+            (name, shape, data.to_vec().expect("f32 data"))
         })
         .collect();
-    let views = bytes
+    let named: Vec<(String, Vec<usize>, &[f32])> = tensors
         .iter()
-        .map(|(n, b, s)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                .map_err(|e| invalid(dir, format!("{n}: {e}")))?;
-            Ok((n.clone(), view))
-        })
-        .collect::<Result<Vec<_>, ModelError>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights = dir.join("model.safetensors");
-    let tmp = tmp_path(&weights);
-    if let Err(e) = safetensors::serialize_to_file(views, Some(meta), &tmp) {
-        let _ = std::fs::remove_file(&tmp); // a partial file on a full disk
-        return Err(invalid(&tmp, format!("writing failed: {e}")));
-    }
-    std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
+    write_f32_safetensors(&dir.join("model.safetensors"), &named)?;
     let mut raw = cfg.raw.clone();
     if let Some(obj) = raw.as_object_mut() {
         obj.insert("torch_dtype".into(), "float32".into());
@@ -288,4 +283,32 @@ pub fn save_hf<B: Backend>(
     }
     let text = serde_json::to_string_pretty(&raw).expect("JSON value serialises");
     write_atomic(&dir.join("config.json"), text.as_bytes())
+}
+
+/// Write f32 tensors `(name, shape, values)` as one safetensors file (metadata `format: pt`, as
+/// PyTorch writes it) through a temporary file and a rename.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+) -> Result<(), ModelError> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .map_err(|e| invalid(path, format!("{n}: {e}")))?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = tmp_path(path);
+    if let Err(e) = safetensors::serialize_to_file(views, Some(meta), &tmp) {
+        let _ = std::fs::remove_file(&tmp); // a partial file on a full disk
+        return Err(invalid(&tmp, format!("writing failed: {e}")));
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
 }

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 pub mod reward;
 pub mod rope;
 
@@ -22,4 +23,5 @@ pub use checkpoint::{load_hf, save_hf, ModelError};
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind};
 pub use generate::KvCache;
 pub use llama::{LayerInputs, Llama, ParamRef};
+pub use lora::{LoraConfig, Target};
 pub use reward::{load_reward_hf, LlamaReward, RewardConfig};

@@ -5,7 +5,7 @@
 //! is the field `model.layers[3].self_attn.q_proj.weight` and loading is a plain mapping. Linear
 //! weights are stored in the checkpoint's layout `[out, in]` (no transposition on load or save).
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
@@ -14,19 +14,66 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use wrpo_kernels::attention::{repeat_kv, AttentionBackend, AttentionImpl};
 
 use crate::config::LlamaConfig;
+use crate::lora::{LoraConfig, Target};
 use crate::rope;
 
-/// A bias-free linear layer holding its weight as `[out, in]`, like `torch.nn.Linear`.
+/// A bias-free linear layer holding its weight as `[out, in]`, like `torch.nn.Linear`, with an
+/// optional LoRA adapter ([`crate::lora`]).
 #[derive(Module, Debug)]
 pub struct HfLinear<B: Backend> {
     /// `[out, in]`.
     pub weight: Param<Tensor<B, 2>>,
+    /// A LoRA adapter added to the output, as PEFT's `lora.Linear`.
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> HfLinear<B> {
-    /// `y = x Wᵀ`. Shapes: `[..., in]` → `[..., out]`.
+    /// A plain linear layer.
+    pub fn new(weight: Param<Tensor<B, 2>>) -> Self {
+        HfLinear { weight, lora: None }
+    }
+
+    /// `y = x Wᵀ (+ s · (dropout(x) Aᵀ) Bᵀ)`. Shapes: `[..., in]` → `[..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear_t(x, self.weight.val())
+        match &self.lora {
+            None => linear_t(x, self.weight.val()),
+            Some(lora) => linear_t(x.clone(), self.weight.val()) + lora.forward(x),
+        }
+    }
+}
+
+/// One LoRA adapter (PEFT's `lora_A` / `lora_B` of a `lora.Linear`).
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[r, in]`.
+    pub a: Param<Tensor<B, 2>>,
+    /// `[out, r]`.
+    pub b: Param<Tensor<B, 2>>,
+    /// `α / r` (or `α / √r`).
+    pub scale: f64,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f64,
+    /// Training only: the seed of this adapter's dropout mask for this forward. The same seed
+    /// gives the same mask, so a layer recomputed by checkpointing sees the mask of its first
+    /// forward, and a resumed run the masks of an uninterrupted one. `None`: no dropout
+    /// (evaluation, the reference, generation).
+    pub dropout_seed: Option<u64>,
+}
+
+impl<B: Backend> Lora<B> {
+    /// `s · (dropout(x) Aᵀ) Bᵀ`, in PEFT's order. Shapes: `[..., in]` → `[..., out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match self.dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                // The backend's generator, reseeded for this adapter and forward.
+                B::seed(&x.device(), seed);
+                let keep = 1.0 - self.dropout;
+                let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+                x * mask / keep
+            }
+            _ => x,
+        };
+        linear_t(linear_t(x, self.a.val()), self.b.val()) * self.scale
     }
 }
 
@@ -212,8 +259,17 @@ fn param<B: Backend, const D: usize>(
     name: &str,
     shape: [usize; D],
 ) -> Param<Tensor<B, D>> {
-    // Reshaped before `Param::from_tensor`, which marks the (reshaped) tensor as the autodiff leaf.
-    Param::from_tensor(source(name, &shape).reshape(shape))
+    // A source tensor marked as requiring a gradient (a trainable autodiff leaf) stays one after
+    // the reshape: the reshaped tensor becomes the leaf (`detach` + `require_grad`), so the
+    // parameter's own value collects the gradient. Other tensors (inference, frozen weights) are
+    // constants.
+    let t = source(name, &shape);
+    let leaf = t.is_require_grad();
+    let t = t.reshape(shape);
+    Param::initialized(
+        ParamId::new(),
+        if leaf { t.detach().require_grad() } else { t },
+    )
 }
 
 /// A parameter of either rank, for [`Llama::visit_params`].
@@ -303,8 +359,12 @@ impl<B: Backend> Llama<B> {
         source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>,
     ) -> Self {
         let model = LlamaModel::build_from(cfg, source);
-        let lm_head = (!cfg.tie_word_embeddings).then(|| HfLinear {
-            weight: param(source, "lm_head.weight", [cfg.vocab_size, cfg.hidden_size]),
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            HfLinear::new(param(
+                source,
+                "lm_head.weight",
+                [cfg.vocab_size, cfg.hidden_size],
+            ))
         });
         Llama { model, lm_head }
     }
@@ -332,48 +392,46 @@ impl<B: Backend> LlamaModel<B> {
                     };
                 DecoderLayer {
                     self_attn: Attention {
-                        q_proj: HfLinear {
-                            weight: param(
-                                source,
-                                &format!("{a}.q_proj.weight"),
-                                [cfg.num_heads * hd, h],
-                            ),
-                        },
-                        k_proj: HfLinear {
-                            weight: param(
-                                source,
-                                &format!("{a}.k_proj.weight"),
-                                [cfg.num_kv_heads * hd, h],
-                            ),
-                        },
-                        v_proj: HfLinear {
-                            weight: param(
-                                source,
-                                &format!("{a}.v_proj.weight"),
-                                [cfg.num_kv_heads * hd, h],
-                            ),
-                        },
-                        o_proj: HfLinear {
-                            weight: param(
-                                source,
-                                &format!("{a}.o_proj.weight"),
-                                [h, cfg.num_heads * hd],
-                            ),
-                        },
+                        q_proj: HfLinear::new(param(
+                            source,
+                            &format!("{a}.q_proj.weight"),
+                            [cfg.num_heads * hd, h],
+                        )),
+                        k_proj: HfLinear::new(param(
+                            source,
+                            &format!("{a}.k_proj.weight"),
+                            [cfg.num_kv_heads * hd, h],
+                        )),
+                        v_proj: HfLinear::new(param(
+                            source,
+                            &format!("{a}.v_proj.weight"),
+                            [cfg.num_kv_heads * hd, h],
+                        )),
+                        o_proj: HfLinear::new(param(
+                            source,
+                            &format!("{a}.o_proj.weight"),
+                            [h, cfg.num_heads * hd],
+                        )),
                         num_heads: cfg.num_heads,
                         num_kv_heads: cfg.num_kv_heads,
                         head_dim: hd,
                     },
                     mlp: Mlp {
-                        gate_proj: HfLinear {
-                            weight: param(source, &format!("{m}.gate_proj.weight"), [i, h]),
-                        },
-                        up_proj: HfLinear {
-                            weight: param(source, &format!("{m}.up_proj.weight"), [i, h]),
-                        },
-                        down_proj: HfLinear {
-                            weight: param(source, &format!("{m}.down_proj.weight"), [h, i]),
-                        },
+                        gate_proj: HfLinear::new(param(
+                            source,
+                            &format!("{m}.gate_proj.weight"),
+                            [i, h],
+                        )),
+                        up_proj: HfLinear::new(param(
+                            source,
+                            &format!("{m}.up_proj.weight"),
+                            [i, h],
+                        )),
+                        down_proj: HfLinear::new(param(
+                            source,
+                            &format!("{m}.down_proj.weight"),
+                            [h, i],
+                        )),
                     },
                     input_layernorm: norm(source, "input_layernorm"),
                     post_attention_layernorm: norm(source, "post_attention_layernorm"),
@@ -578,6 +636,90 @@ impl<B: Backend> Llama<B> {
         if let Some(head) = &self.lm_head {
             f("lm_head.weight", ParamRef::D2(&head.weight));
         }
+    }
+
+    /// The linear layer `t` of decoder layer `l`.
+    pub fn linear(&self, l: usize, t: Target) -> &HfLinear<B> {
+        let layer = &self.model.layers[l];
+        match t {
+            Target::Q => &layer.self_attn.q_proj,
+            Target::K => &layer.self_attn.k_proj,
+            Target::V => &layer.self_attn.v_proj,
+            Target::O => &layer.self_attn.o_proj,
+            Target::Gate => &layer.mlp.gate_proj,
+            Target::Up => &layer.mlp.up_proj,
+            Target::Down => &layer.mlp.down_proj,
+        }
+    }
+
+    fn linear_mut(&mut self, l: usize, t: Target) -> &mut HfLinear<B> {
+        let layer = &mut self.model.layers[l];
+        match t {
+            Target::Q => &mut layer.self_attn.q_proj,
+            Target::K => &mut layer.self_attn.k_proj,
+            Target::V => &mut layer.self_attn.v_proj,
+            Target::O => &mut layer.self_attn.o_proj,
+            Target::Gate => &mut layer.mlp.gate_proj,
+            Target::Up => &mut layer.mlp.up_proj,
+            Target::Down => &mut layer.mlp.down_proj,
+        }
+    }
+
+    /// Add LoRA adapters to the targeted layers, their tensors from `source(name, shape)` (flat,
+    /// in [`LoraConfig::specs`] order and names). `dropout_seed`: training with dropout (each
+    /// adapter's mask seeded from it, its layer and its module); `None` turns dropout off.
+    pub fn attach_lora(
+        mut self,
+        cfg: &LlamaConfig,
+        lora: &LoraConfig,
+        dropout_seed: Option<u64>,
+        source: &mut dyn FnMut(&str, &[usize]) -> Tensor<B, 1>,
+    ) -> Self {
+        for l in 0..cfg.num_layers {
+            for &t in &lora.targets {
+                let (out, inn) = t.dims(cfg);
+                let p = t.path(l);
+                let a = param(source, &format!("{p}.lora_A.weight"), [lora.r, inn]);
+                let b = param(source, &format!("{p}.lora_B.weight"), [out, lora.r]);
+                let seed = dropout_seed
+                    .map(|s| s ^ ((l as u64) << 32 | t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                self.linear_mut(l, t).lora = Some(Lora {
+                    a,
+                    b,
+                    scale: lora.scale(),
+                    dropout: lora.dropout,
+                    dropout_seed: seed,
+                });
+            }
+        }
+        self
+    }
+
+    /// Call `f(name, param)` for every LoRA tensor, in [`LoraConfig::specs`] order.
+    pub fn visit_adapters(&self, f: &mut dyn FnMut(&str, &Param<Tensor<B, 2>>)) {
+        for l in 0..self.model.layers.len() {
+            for t in Target::ALL {
+                if let Some(lora) = &self.linear(l, t).lora {
+                    f(&format!("{}.lora_A.weight", t.path(l)), &lora.a);
+                    f(&format!("{}.lora_B.weight", t.path(l)), &lora.b);
+                }
+            }
+        }
+    }
+
+    /// The model with every adapter folded into its weight (`W + s·B·A`, what PEFT's
+    /// `merge_and_unload` computes) and removed.
+    pub fn merge_lora(mut self) -> Self {
+        for l in 0..self.model.layers.len() {
+            for t in Target::ALL {
+                let lin = self.linear_mut(l, t);
+                if let Some(lora) = lin.lora.take() {
+                    let delta = lora.b.val().matmul(lora.a.val()) * lora.scale;
+                    lin.weight = Param::initialized(ParamId::new(), lin.weight.val() + delta);
+                }
+            }
+        }
+        self
     }
 
     /// All parameters with their checkpoint names, as f32 host data (for saving).

@@ -153,9 +153,7 @@ pub fn load_reward_hf<B: Backend>(
             let score = source("score.weight", &[labels, h]).reshape([labels, h]);
             LlamaReward {
                 model,
-                score: HfLinear {
-                    weight: burn::module::Param::from_tensor(score),
-                },
+                score: HfLinear::new(burn::module::Param::from_tensor(score)),
             }
         },
     )?;

@@ -41,30 +41,30 @@ def load_model(model_dir: str):
     return model.eval(), info
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir")
-    ap.add_argument("expected_logits")
-    ap.add_argument("--tol", type=float, default=1e-4, help="max allowed relative error (default 1e-4)")
-    args = ap.parse_args()
-
-    exp = load_file(args.expected_logits)
+def read_expected(path: str):
+    """(input_ids, attention_mask, logits) of an expected-logits file, or None after printing why
+    it is unusable (exit code 2)."""
+    exp = load_file(path)
     for k in ("input_ids", "attention_mask", "logits"):
         if k not in exp:
-            print(f"error: {args.expected_logits} has no tensor {k!r}", file=sys.stderr)
-            return 2
+            print(f"error: {path} has no tensor {k!r}", file=sys.stderr)
+            return None
     ids = exp["input_ids"].to(torch.long)
     mask = exp["attention_mask"].to(torch.long)
     want = exp["logits"].to(torch.float32)
     if ids.shape != mask.shape or want.shape[:2] != ids.shape:
         print(f"error: shapes input_ids {tuple(ids.shape)} attention_mask {tuple(mask.shape)} "
               f"logits {tuple(want.shape)} do not fit", file=sys.stderr)
-        return 2
+        return None
+    return ids, mask, want
 
-    model, info = load_model(args.model_dir)
+
+def describe_model(model, model_dir: str, info) -> bool:
+    """Print the versions and the model's shape; print and return whether the weights did not
+    load cleanly (missing / unexpected / mismatched keys, error messages)."""
     c = model.config
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
-    print(f"model: {args.model_dir}")
+    print(f"model: {model_dir}")
     print(f"  vocab {c.vocab_size}, hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
           f"{c.num_attention_heads}/{c.num_key_value_heads}, head_dim {getattr(c, 'head_dim', None)}, "
           f"tie {c.tie_word_embeddings}, rope {getattr(c, 'rope_parameters', None) or getattr(c, 'rope_scaling', None)}")
@@ -74,10 +74,12 @@ def main() -> int:
         if v:
             print(f"  {k}: {sorted(map(str, v))}")
             bad_load = True
-    if want.shape[2] != c.vocab_size:
-        print(f"error: expected logits have vocab {want.shape[2]}, model has {c.vocab_size}", file=sys.stderr)
-        return 2
+    return bad_load
 
+
+def compare(model, ids, mask, want, tol: float, bad_load: bool) -> int:
+    """Run the model on ids/mask, compare with `want` at mask == 1, print the errors and OK/FAIL;
+    returns the exit code (0 OK, 1 FAIL)."""
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
@@ -92,15 +94,35 @@ def main() -> int:
     print(f"compared {int(real.sum())} positions x {want.shape[2]} logits (N={ids.shape[0]}, T={ids.shape[1]})")
     print(f"  max abs diff        {max_abs:.3e}")
     print(f"  max |expected|      {max_ref:.4f}")
-    print(f"  rel error           {rel:.3e}   (max abs diff / max |expected|; tolerance {args.tol:g})")
+    print(f"  rel error           {rel:.3e}   (max abs diff / max |expected|; tolerance {tol:g})")
     print(f"  max elementwise rel {elem_rel:.3e}   (|diff| / max(|expected|, 1e-3), informational)")
     if (~real).any():
         pad_abs = float((got[~real] - want[~real]).abs().max())
         print(f"  padded positions    max abs diff {pad_abs:.3e} (informational, not checked)")
 
-    ok = finite and not bad_load and rel <= args.tol
+    ok = finite and not bad_load and rel <= tol
     print("OK" if ok else "FAIL" + ("" if finite else " (non-finite values)") + (" (weights did not load cleanly)" if bad_load else ""))
     return 0 if ok else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("expected_logits")
+    ap.add_argument("--tol", type=float, default=1e-4, help="max allowed relative error (default 1e-4)")
+    args = ap.parse_args()
+
+    exp = read_expected(args.expected_logits)
+    if exp is None:
+        return 2
+    ids, mask, want = exp
+
+    model, info = load_model(args.model_dir)
+    bad_load = describe_model(model, args.model_dir, info)
+    if want.shape[2] != model.config.vocab_size:
+        print(f"error: expected logits have vocab {want.shape[2]}, model has {model.config.vocab_size}", file=sys.stderr)
+        return 2
+    return compare(model, ids, mask, want, args.tol, bad_load)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,26 @@ fn trajectory_parity_with<B: KernelBackend>(device: &B::Device, label: &str, arg
 
 /// Every metric of every update and the final weights against a fixture folder.
 fn compare(label: &str, case: &str, summary: &TrainSummary, dir: &Path) {
+    compare_files(
+        label,
+        case,
+        summary,
+        dir,
+        (
+            &summary.final_dir.join("model.safetensors"),
+            &dir.join("final_model.safetensors"),
+        ),
+    )
+}
+
+/// [`compare`] with the final weights in `(got, want)`.
+fn compare_files(
+    label: &str,
+    case: &str,
+    summary: &TrainSummary,
+    dir: &Path,
+    (got_weights, want_weights): (&Path, &Path),
+) {
     let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
     let expected: Value = serde_json::from_str(&text).unwrap();
     let want_steps = expected["steps"].as_array().unwrap();
@@ -98,11 +118,7 @@ fn compare(label: &str, case: &str, summary: &TrainSummary, dir: &Path) {
             rep.max_abs, rep.max_rel
         );
     }
-    let (g, w) = paired_weights(
-        &summary.final_dir.join("model.safetensors"),
-        &dir.join("final_model.safetensors"),
-        case,
-    );
+    let (g, w) = paired_weights(got_weights, want_weights, case);
     let rep = assert_close(
         &format!("{label} {case} final weights"),
         &g,
@@ -313,11 +329,11 @@ fn layouts_match<B: KernelBackend>(
     use burn::backend::Autodiff;
     use burn::tensor::{Tensor, TensorData};
     use wrpo_engine_core::logps::{pack_bfd, Head, HeadImpl};
-    use wrpo_engine_core::train::optim::Flat;
+    use wrpo_engine_core::train::params::Params;
     use wrpo_engine_core::train::recompute;
     use wrpo_engine_core::train::step::{Layout, SeqBatch};
     use wrpo_kernels::attention::AttentionImpl;
-    let params = Flat::of_model(&model);
+    let params = Params::full(&model);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -549,20 +565,43 @@ fn bytes(p: &Path) -> Vec<u8> {
 #[test]
 fn cpu_resume_is_exact() {
     let (case, rows) = CASES[0];
+    resume_is_exact(
+        "resume",
+        &|out, args| job(case, rows, out, args),
+        &["model.safetensors", "optimizer.safetensors"],
+    );
+}
+
+/// The same under LoRA with dropout: the adapters, their AdamW moments and the metrics of a
+/// resumed run are the uninterrupted run's (the dropout masks are seeded per update).
+#[test]
+fn cpu_lora_resume_is_exact() {
+    let (case, rows) = LORA_CASES[0];
+    resume_is_exact(
+        "lora-resume",
+        &|out, mut args| {
+            args.lora_dropout = Some(0.1);
+            lora_job(case, rows, out, args)
+        },
+        &["adapter_model.safetensors", "optimizer.safetensors"],
+    );
+}
+
+fn resume_is_exact(name: &str, job: &dyn Fn(&Path, TrainArgs) -> TrainJob, files: &[&str]) {
     let every2 = TrainArgs {
         save_steps: Some(2),
         shuffle: Some(true), // exercises the per-epoch seeded order across the resume point
         ..Default::default()
     };
-    let full = tmp("resume-full");
+    let full = tmp(&format!("{name}-full"));
     run_train::<CpuBackend>(
-        &job(case, rows, &full, every2.clone()),
+        &job(&full, every2.clone()),
         &Default::default(),
         &mut |_| {},
     )
     .unwrap();
     // "Interrupted" run: only what existed after update 2 (checkpoint-2 and the first records).
-    let part = tmp("resume-part");
+    let part = tmp(&format!("{name}-part"));
     std::fs::create_dir_all(part.join("checkpoint-2")).unwrap();
     for e in std::fs::read_dir(full.join("checkpoint-2")).unwrap() {
         let e = e.unwrap();
@@ -572,10 +611,10 @@ fn cpu_resume_is_exact() {
     // Keep records of updates 1–3 (3 was written after the checkpoint and is dropped on resume).
     let head: String = metrics.lines().take(3).map(|l| format!("{l}\n")).collect();
     std::fs::write(part.join("metrics.jsonl"), head).unwrap();
-    let mut resumed = job(case, rows, &part, every2);
+    let mut resumed = job(&part, every2);
     resumed.paths.resume = Some(PathBuf::from("latest"));
     run_train::<CpuBackend>(&resumed, &Default::default(), &mut |_| {}).unwrap();
-    for f in ["model.safetensors", "optimizer.safetensors"] {
+    for f in files {
         assert!(
             bytes(&full.join("final").join(f)) == bytes(&part.join("final").join(f)),
             "final/{f} differs between the uninterrupted and the resumed run"
@@ -597,6 +636,102 @@ fn cpu_resume_is_exact() {
     );
     let _ = std::fs::remove_dir_all(&full);
     let _ = std::fs::remove_dir_all(&part);
+}
+
+/// LoRA cases of `tests/reference/make_lora_fixture.py` (PEFT on transformers): the fixture
+/// folder under `tests/fixtures/lora/` and the training rows under `tests/fixtures/train/`.
+const LORA_CASES: [(&str, &str); 2] = [
+    ("lora_wrpo_k1r1", "train_rows.jsonl"),
+    ("lora_rslora_k2r2", "train_rows_k2r2.jsonl"),
+];
+
+/// A LoRA case's job: its config.yaml, the llama-tied base and the fixture's initial adapter
+/// (`--adapter`), so both trainers start from the same A and B.
+fn lora_job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
+    let dir = fixtures().join("lora").join(case);
+    let cfg = resolve(
+        TrainConfig {
+            save_steps: 0,
+            ..Default::default()
+        },
+        Some(&dir.join("config.yaml")),
+        &overrides,
+    )
+    .unwrap();
+    TrainJob {
+        cfg,
+        paths: RunPaths {
+            model: Some(fixtures().join("llama-tied")),
+            data: Some(fixtures().join("train").join(rows)),
+            adapter: Some(dir.join("initial_adapter")),
+            output: output.to_path_buf(),
+            cache_dir: output.join("cache"),
+            ..Default::default()
+        },
+    }
+}
+
+/// LoRA WRPO vs PEFT: every metric of every update (clipping active in some) and the final
+/// adapters (PEFT's key names), written as a PEFT adapter folder.
+fn lora_parity<B: KernelBackend>(device: &B::Device, label: &str, args: TrainArgs) {
+    for (case, rows) in LORA_CASES {
+        let out = tmp(&format!("{label}-{case}"));
+        let summary = run_train::<B>(
+            &lora_job(case, rows, &out, args.clone()),
+            device,
+            &mut |_| {},
+        )
+        .unwrap();
+        let dir = fixtures().join("lora").join(case);
+        let adapter = "adapter_model.safetensors";
+        compare_files(
+            label,
+            case,
+            &summary,
+            &dir,
+            (
+                &summary.final_dir.join(adapter),
+                &dir.join("final_adapter").join(adapter),
+            ),
+        );
+        // The folder is PEFT's: its config reads back as the run's settings, and no full model.
+        let cfg = std::fs::read_to_string(summary.final_dir.join("adapter_config.json")).unwrap();
+        let want =
+            std::fs::read_to_string(dir.join("final_adapter").join("adapter_config.json")).unwrap();
+        let p = Path::new("adapter_config.json");
+        assert_eq!(
+            wrpo_models::LoraConfig::from_peft_json(&cfg, p).unwrap(),
+            wrpo_models::LoraConfig::from_peft_json(&want, p).unwrap(),
+            "{case}: adapter_config.json"
+        );
+        assert!(!summary.final_dir.join("model.safetensors").exists());
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn cpu_lora_trajectories_match_peft() {
+    lora_parity::<CpuBackend>(&Default::default(), "cpu", TrainArgs::default());
+}
+
+/// The same with layer checkpointing and padding-free batches (the adapters' gradients through
+/// the recomputed layers and packed rows).
+#[test]
+fn cpu_lora_checkpointed_padding_free_matches_peft() {
+    lora_parity::<CpuBackend>(
+        &Default::default(),
+        "cpu-ckpt-packed",
+        TrainArgs {
+            gradient_checkpointing: Some(true),
+            padding_free: Some(true),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn wgpu_lora_trajectories_match_peft() {
+    lora_parity::<WgpuBackend>(&wgpu_device(), "wgpu", TrainArgs::default());
 }
 
 /// `--precompute-ref` (cached table, second run reads the cache) and `--ref-logps` (the `logps`

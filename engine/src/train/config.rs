@@ -54,6 +54,8 @@ pub enum Kind {
     Float,
     /// One of named values: (name, documentation).
     Choice(&'static [(&'static str, &'static str)]),
+    /// Text (a list in YAML may also be written comma-separated).
+    Text,
 }
 
 /// One training setting (see [`SETTINGS`]).
@@ -297,6 +299,53 @@ train_config! {
     /// extra forward of the layers). The authors' configs use true; the default is false because
     /// it only costs time where memory is not short.
     gradient_checkpointing: bool = false;
+    /// LoRA rank r (0 = full fine-tune). With r > 0 the model's weights are frozen and only
+    /// adapters on `lora_target_modules` train (PEFT's LoRA); the reference is the model with the
+    /// adapters off, and checkpoints are PEFT adapter folders.
+    lora_r: usize = 0;
+    /// LoRA α: adapters are scaled by α / r (α / √r with `use_rslora`). PEFT's default, 8.
+    lora_alpha: f64 = 8.0;
+    /// Dropout on the adapters' input during training (PEFT's `lora_dropout`).
+    lora_dropout: f64 = 0.0;
+    /// The linear layers that get adapters: PEFT module names separated by commas
+    /// (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or `all-linear`. PEFT's
+    /// default for LLaMA: q_proj,v_proj.
+    lora_target_modules: LoraTargets = LoraTargets(vec![wrpo_models::Target::Q, wrpo_models::Target::V]);
+    /// rsLoRA: scale adapters by α / √r instead of α / r.
+    use_rslora: bool = false;
+}
+
+/// `lora_target_modules`: written as a list of PEFT module names, read from a list or from
+/// comma-separated text (`all-linear` = every linear layer of a decoder layer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTargets(pub Vec<wrpo_models::Target>);
+
+impl SettingValue for LoraTargets {
+    const KIND: Kind = Kind::Text;
+}
+
+impl Serialize for LoraTargets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|t| t.name()))
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            List(Vec<String>),
+        }
+        let targets = match Form::deserialize(d)? {
+            Form::Text(t) => wrpo_models::Target::parse_list(&t),
+            Form::List(l) => {
+                wrpo_models::Target::from_names(&l.iter().map(String::as_str).collect::<Vec<_>>())
+            }
+        };
+        targets.map(LoraTargets).map_err(serde::de::Error::custom)
+    }
 }
 
 impl TrainConfig {
@@ -307,6 +356,68 @@ impl TrainConfig {
     ) -> Result<wrpo_models::LlamaConfig> {
         let mut cfg = source.config()?;
         cfg.attn_implementation = self.attn_implementation.with_block(self.attention_block);
+        Ok(cfg)
+    }
+
+    /// The LoRA settings (`None`: a full fine-tune).
+    pub fn lora(&self) -> Option<wrpo_models::LoraConfig> {
+        (self.lora_r > 0).then(|| wrpo_models::LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_target_modules.0.clone(),
+            rslora: self.use_rslora,
+        })
+    }
+
+    /// These settings with the LoRA settings of the PEFT adapter in `dir` (`--adapter`): taken
+    /// from its `adapter_config.json` when `lora_r` is 0, else checked against it (rank, α,
+    /// targets and rsLoRA must agree; the dropout is this run's).
+    pub fn with_adapter(&self, dir: &Path) -> Result<TrainConfig> {
+        let path = dir.join(wrpo_models::lora::ADAPTER_CONFIG);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("--adapter: reading {}", path.display()))?;
+        let file = wrpo_models::LoraConfig::from_peft_json(&text, &path)?;
+        let mut cfg = self.clone();
+        match self.lora() {
+            None => {
+                cfg.lora_r = file.r;
+                cfg.lora_alpha = file.alpha;
+                cfg.lora_dropout = file.dropout;
+                cfg.lora_target_modules = LoraTargets(file.targets);
+                cfg.use_rslora = file.rslora;
+            }
+            Some(ours) => {
+                let names = |t: &[wrpo_models::Target]| {
+                    t.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
+                };
+                let differ: Vec<String> = [
+                    ("lora_r", ours.r.to_string(), file.r.to_string()),
+                    ("lora_alpha", ours.alpha.to_string(), file.alpha.to_string()),
+                    (
+                        "lora_target_modules",
+                        names(&ours.targets),
+                        names(&file.targets),
+                    ),
+                    (
+                        "use_rslora",
+                        ours.rslora.to_string(),
+                        file.rslora.to_string(),
+                    ),
+                ]
+                .into_iter()
+                .filter(|(_, a, b)| a != b)
+                .map(|(k, a, b)| format!("{k} {a} (adapter: {b})"))
+                .collect();
+                if !differ.is_empty() {
+                    bail!(
+                        "--adapter {}: the settings differ from its adapter_config.json: {}; leave lora_r at 0 to take the adapter's",
+                        dir.display(),
+                        differ.join(", ")
+                    );
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -378,6 +489,11 @@ impl TrainConfig {
         }
         if self.max_steps <= 0 && self.num_train_epochs == 0 {
             bail!("set num_train_epochs ≥ 1 or max_steps ≥ 1");
+        }
+        if let Some(lora) = self.lora() {
+            lora.validate().map_err(|m| anyhow::anyhow!(m))?;
+        } else if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("lora_dropout must be in [0, 1), got {}", self.lora_dropout);
         }
         if self.max_prompt_length >= self.max_length {
             bail!(
@@ -489,6 +605,8 @@ pub struct RunPaths {
     pub ref_model: Option<PathBuf>,
     /// Reference log-probs (the `logps` command's output), one record per training row.
     pub ref_logps: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder loaded on top of `model` (to continue training it).
+    pub adapter: Option<PathBuf>,
     /// Resume from a checkpoint folder, or `latest` (the newest in `output`).
     pub resume: Option<PathBuf>,
     /// Where precomputed reference log-probs are cached.

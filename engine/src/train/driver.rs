@@ -25,7 +25,8 @@ use wrpo_models::LlamaConfig;
 use super::config::{RunPaths, TrainConfig};
 use super::dist::Peer;
 use super::metrics::{json_f64, MetricsFile};
-use super::optim::{clip_global_norm, AdamState, AdamW, Flat};
+use super::optim::{clip_global_norm, AdamState, AdamW};
+use super::params::Params;
 use super::schedule::{epoch_order, lr_factor, Plan};
 use super::state::{self, TokenizerFiles, TrainerState};
 use super::{Event, TrainJob, TrainSummary};
@@ -65,7 +66,7 @@ pub trait Recipe<B: Backend> {
     /// Forward + backward of the units `ids` with the policy `params`. `scale` = units in this
     /// micro-batch / units in the global batch (the weight of a micro-batch mean in the
     /// global-batch mean); a recipe whose loss is not a mean over units may ignore it.
-    fn micro(&mut self, params: &Flat<B>, ids: &[usize], scale: f64) -> Micro<B>;
+    fn micro(&mut self, params: &Params<B>, ids: &[usize], scale: f64) -> Micro<B>;
 
     /// This peer's statistics of the update (sums, so that peers add up), in a fixed layout.
     fn stats(&mut self) -> Vec<f64>;
@@ -80,7 +81,7 @@ pub trait Recipe<B: Backend> {
     fn log(&mut self, rec: &mut Map<String, Value>);
 
     /// An evaluation record after `done` updates, or `None` when the recipe does not evaluate.
-    fn evaluate(&mut self, _params: &Flat<B>, _done: usize) -> Option<Map<String, Value>> {
+    fn evaluate(&mut self, _params: &Params<B>, _done: usize) -> Option<Map<String, Value>> {
         None
     }
 
@@ -287,6 +288,18 @@ impl<'a> Setup<'a> {
     }
 }
 
+/// The seed of LoRA dropout's masks in update `s`'s micro-batch of the units `micro` (a function of
+/// the run's seed and the units, so a resumed run and every peer draw what an uninterrupted run
+/// would, and no two micro-batches share masks).
+fn dropout_seed(seed: u64, s: usize, micro: &[usize]) -> u64 {
+    let first = micro.first().copied().unwrap_or(0) as u64;
+    let mut h = seed ^ 0x5851_F42D_4C95_7F2D;
+    for x in [s as u64, first] {
+        h = (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    h
+}
+
 /// Run `recipe` from the policy `params` (or the checkpoint `--resume` names) to the final
 /// model: the loop of the module docs, then the final checkpoint and the summary.
 pub fn run<B: Backend, R: Recipe<B>>(
@@ -294,7 +307,7 @@ pub fn run<B: Backend, R: Recipe<B>>(
     plan: &Plan,
     peer: &mut Peer<B>,
     device: &B::Device,
-    mut params: Flat<B>,
+    mut params: Params<B>,
     recipe: &mut R,
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
@@ -322,7 +335,7 @@ pub fn run<B: Backend, R: Recipe<B>>(
         eps: cfg.adam_epsilon,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamState::new(&params);
+    let mut opt = AdamState::new(&params.trainable);
     let (mut start, mut history) = (0usize, Vec::<Value>::new());
     let data_fingerprint = recipe.fingerprint();
     if let Some(dir) = resume_dir(paths)? {
@@ -400,6 +413,7 @@ pub fn run<B: Backend, R: Recipe<B>>(
             .shard(ids, plan.per_peer)
             .chunks(cfg.per_device_train_batch_size)
         {
+            params.dropout_seed = dropout_seed(cfg.seed, s, micro);
             let out = recipe.micro(&params, micro, micro.len() as f64 / ids.len() as f64);
             tokens += out.tokens;
             grads = Some(match grads {
@@ -408,7 +422,7 @@ pub fn run<B: Backend, R: Recipe<B>>(
             });
         }
         // A peer past the end of a last, partial batch adds zeros.
-        let grads = grads.unwrap_or_else(|| params.zeros_like().values);
+        let grads = grads.unwrap_or_else(|| params.trainable.zeros_like().values);
         // Sum over peers: gradients, the recipe's statistics, tokens (one all-reduce).
         let mut stats = recipe.stats();
         stats.push(tokens as f64);
@@ -425,7 +439,7 @@ pub fn run<B: Backend, R: Recipe<B>>(
                     .map_or(String::new(), |p| format!(" — the last good checkpoint is {}", p.display()))
             );
         }
-        adamw.step(lr, &mut params, grads, &mut opt);
+        adamw.step(lr, &mut params.trainable, grads, &mut opt);
         let done = s + 1;
 
         let mut record = None;

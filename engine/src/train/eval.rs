@@ -8,7 +8,7 @@ use wrpo_models::LlamaConfig;
 use super::config::TrainConfig;
 use super::loss_config;
 use super::metrics::{json_f64, Meter};
-use super::optim::Flat;
+use super::params::Params;
 use super::step::{eval_step, Layout, Reference};
 use crate::data::Encoded;
 
@@ -16,7 +16,7 @@ use crate::data::Encoded;
 pub(super) fn evaluate<B: KernelBackend>(
     cfg: &TrainConfig,
     model_cfg: &LlamaConfig,
-    params: &Flat<B>,
+    params: &Params<B>,
     reference: &Reference<B>,
     eval: &[Encoded],
     step: usize,

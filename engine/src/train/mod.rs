@@ -20,6 +20,7 @@ pub mod driver;
 mod eval;
 pub mod metrics;
 pub mod optim;
+pub mod params;
 pub mod recompute;
 pub mod refcache;
 mod reference;
@@ -43,7 +44,7 @@ use dist::{Peer, World};
 use driver::{Micro, Recipe, Setup};
 use eval::evaluate;
 use metrics::{json_f64, Meter};
-use optim::Flat;
+use params::Params;
 use reference::build_reference;
 use schedule::Plan;
 use split::{hold_out, load_split};
@@ -98,6 +99,18 @@ pub struct TrainJob {
     pub paths: RunPaths,
 }
 
+impl TrainJob {
+    /// The job with `--adapter`'s LoRA settings in its configuration
+    /// ([`TrainConfig::with_adapter`]), so that plans, checkpoints and `--resume` see them.
+    pub fn resolved(&self) -> Result<TrainJob> {
+        let mut job = self.clone();
+        if let Some(dir) = &self.paths.adapter {
+            job.cfg = self.cfg.with_adapter(dir)?;
+        }
+        Ok(job)
+    }
+}
+
 fn loss_config(cfg: &TrainConfig, alpha: f64) -> LossConfig {
     let objective = match cfg.loss_type {
         LossType::Wrpo | LossType::Dpo => Objective::Wrpo,
@@ -142,6 +155,7 @@ pub fn run_train_peer<B: KernelBackend>(
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
     // ---- setup ------------------------------------------------------------------------------
+    let job = &job.resolved()?;
     let setup = Setup::new(job)?;
     let (cfg, paths) = (&job.cfg, &job.paths);
     let (tok, opts) = (setup.tok.as_ref(), &setup.opts);
@@ -207,7 +221,13 @@ pub fn run_train_peer<B: KernelBackend>(
         plan.global_batch
     )));
     let (initial, _) = setup.source.load::<B>(device)?;
-    let params = Flat::of_model(&initial);
+    let params = Params::initial(
+        cfg,
+        paths.adapter.as_deref(),
+        &initial,
+        &setup.model_cfg,
+        device,
+    )?;
     let (source, pad) = (&setup.source, setup.pad);
     let (ref_train, ref_eval) = build_reference::<B>(
         job, peer, source, initial, &rows, &all_lines, &eval, pad, device, on,
@@ -278,7 +298,7 @@ impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
         (self.step_loss, self.step_meter) = (0.0, Meter::default());
     }
 
-    fn micro(&mut self, params: &Flat<B>, ids: &[usize], scale: f64) -> Micro<B> {
+    fn micro(&mut self, params: &Params<B>, ids: &[usize], scale: f64) -> Micro<B> {
         let batch: Vec<&Encoded> = ids.iter().map(|&i| &self.rows[i]).collect();
         let (cfg, loss_cfg, reference) = (self.model_cfg, &self.loss_cfg, &self.ref_train);
         let (layout, device) = (self.layout, self.device);
@@ -315,7 +335,7 @@ impl<B: KernelBackend> Recipe<B> for Wrpo<'_, B> {
         (self.meter, self.interval_loss, self.interval_steps) = (Meter::default(), 0.0, 0);
     }
 
-    fn evaluate(&mut self, params: &Flat<B>, done: usize) -> Option<Map<String, Value>> {
+    fn evaluate(&mut self, params: &Params<B>, done: usize) -> Option<Map<String, Value>> {
         (!self.eval.is_empty()).then(|| {
             evaluate(
                 self.cfg,

@@ -9,7 +9,7 @@
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use wrpo_models::{Llama, LlamaConfig, ParamRef};
+use wrpo_models::{Llama, ParamRef};
 
 /// Named flat tensors (parameters, gradients or optimizer moments).
 #[derive(Debug, Clone)]
@@ -51,33 +51,6 @@ impl<B: Backend> Flat<B> {
         }
     }
 
-    /// A module whose parameters are these tensors (no copy).
-    pub fn model(&self, cfg: &LlamaConfig) -> Llama<B> {
-        let index = self.index();
-        Llama::build_from(cfg, &mut |name, _| self.values[index(name)].clone())
-    }
-
-    /// An autodiff module whose parameters are leaves holding these tensors (each requires a
-    /// gradient), for one forward + backward.
-    pub fn leaf_model(&self, cfg: &LlamaConfig) -> Llama<Autodiff<B>> {
-        let index = self.index();
-        Llama::build_from(cfg, &mut |name, _| {
-            Tensor::from_inner(self.values[index(name)].clone())
-        })
-    }
-
-    /// The flat gradient of every parameter of `model` (a [`Flat::leaf_model`]) in `grads`, in
-    /// this list's order; zeros for a parameter the loss does not reach.
-    pub fn grads_of(
-        &self,
-        model: &Llama<Autodiff<B>>,
-        grads: &<Autodiff<B> as AutodiffBackend>::Gradients,
-    ) -> Vec<Tensor<B, 1>> {
-        let mut acc = vec![None; self.values.len()];
-        self.add_grads(&mut acc, model, grads);
-        self.finish_grads(acc)
-    }
-
     /// Add the gradients in `grads` (one backward over part of `model`, a [`Flat::leaf_model`])
     /// into `acc`, in this list's order (layer checkpointing runs one backward per layer).
     pub fn add_grads(
@@ -87,19 +60,27 @@ impl<B: Backend> Flat<B> {
         grads: &<Autodiff<B> as AutodiffBackend>::Gradients,
     ) {
         let index = self.index();
-        model.visit_params(&mut |name, p| {
-            let g = match p {
-                ParamRef::D1(p) => p.val().grad(grads),
-                ParamRef::D2(p) => p.val().grad(grads).map(|g| g.flatten(0, 1)),
-            };
-            if let Some(g) = g {
-                let slot = &mut acc[index(name)];
+        let mut add = |name: &str, g: Option<Tensor<B, 1>>| {
+            // A tensor of another group (a frozen weight) has no slot and no gradient.
+            if let (Some(g), Some(i)) = (g, index(name)) {
+                let slot = &mut acc[i];
                 *slot = Some(match slot.take() {
                     Some(a) => a + g,
                     None => g,
                 });
             }
+        };
+        model.visit_params(&mut |name, p| {
+            add(
+                name,
+                match p {
+                    ParamRef::D1(p) => p.val().grad(grads),
+                    ParamRef::D2(p) => p.val().grad(grads).map(|g| g.flatten(0, 1)),
+                },
+            )
         });
+        model
+            .visit_adapters(&mut |name, p| add(name, p.val().grad(grads).map(|g| g.flatten(0, 1))));
     }
 
     /// Accumulated gradients, zeros for a parameter no backward reached.
@@ -110,15 +91,49 @@ impl<B: Backend> Flat<B> {
             .collect()
     }
 
-    /// Name → position.
-    pub fn index(&self) -> impl Fn(&str) -> usize + '_ {
+    /// Name → position (`None`: not in this list).
+    pub fn index(&self) -> impl Fn(&str) -> Option<usize> + '_ {
         let map: std::collections::HashMap<&str, usize> = self
             .names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.as_str(), i))
             .collect();
-        move |name| map[name]
+        move |name| map.get(name).copied()
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor<B, 1>> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| &self.values[i])
+    }
+
+    /// Named host tensors uploaded to `device`.
+    pub fn from_host(device: &B::Device, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Self {
+        let mut f = Flat {
+            names: vec![],
+            shapes: vec![],
+            values: vec![],
+        };
+        for (n, s, v) in tensors {
+            let len = v.len();
+            f.names.push(n);
+            f.shapes.push(s);
+            f.values
+                .push(Tensor::from_data(TensorData::new(v, [len]), device));
+        }
+        f
+    }
+
+    /// No tensors.
+    pub fn empty() -> Self {
+        Flat {
+            names: vec![],
+            shapes: vec![],
+            values: vec![],
+        }
     }
 
     /// Host copies, f32 row-major.

@@ -25,19 +25,19 @@ use burn::tensor::{Int, Tensor};
 use wrpo_kernels::KernelBackend;
 use wrpo_models::{LayerInputs, Llama, LlamaConfig};
 
-use super::optim::Flat;
+use super::params::Params;
 
 type A<B> = Autodiff<B>;
 
 /// Run the policy decoder over `input_ids` with `inputs`, hand the final hidden states
 /// (`[B, T, H]`, after the last norm) to `top`, which returns the scalar to differentiate (shape
 /// `[1]`) and anything else it computed; return the flat gradients of that scalar w.r.t. `params`
-/// (in [`Flat`] order, zeros where it does not reach) and `top`'s extra output.
+/// (in the trainable group's order, zeros where it does not reach) and `top`'s extra output.
 ///
 /// `policy` is `params.leaf_model(cfg)`; `checkpoint` turns on layer checkpointing.
 pub fn backward<B: KernelBackend, T>(
     cfg: &LlamaConfig,
-    params: &Flat<B>,
+    params: &Params<B>,
     policy: &Llama<A<B>>,
     input_ids: Tensor<A<B>, 2, Int>,
     inputs: &LayerInputs<A<B>>,
@@ -50,7 +50,7 @@ pub fn backward<B: KernelBackend, T>(
         return (params.grads_of(policy, &loss.backward()), extra);
     }
     // 1. Forward without a graph, keeping each layer's input.
-    let inner = params.model(cfg);
+    let inner = params.train_model(cfg);
     let inner_inputs = LayerInputs::<B> {
         cos: inputs.cos.clone().inner(),
         sin: inputs.sin.clone().inner(),
@@ -64,13 +64,13 @@ pub fn backward<B: KernelBackend, T>(
         xs.push(x);
     }
     drop(inner);
-    let mut acc = vec![None; params.values.len()];
+    let mut acc = vec![None; params.trainable.values.len()];
     // 2. Norm, head and loss from a fresh leaf.
     let x_top =
         Tensor::<A<B>, 3>::from_inner(xs.pop().expect("the last layer's output")).require_grad();
     let (loss, extra) = top(policy.model.norm.forward(x_top.clone()));
     let grads = loss.backward();
-    params.add_grads(&mut acc, policy, &grads);
+    params.trainable.add_grads(&mut acc, policy, &grads);
     let mut g = x_top
         .grad(&grads)
         .unwrap_or_else(|| x_top.clone().inner().zeros_like());
@@ -80,7 +80,7 @@ pub fn backward<B: KernelBackend, T>(
         let x = Tensor::<A<B>, 3>::from_inner(xs.pop().expect("a layer input")).require_grad();
         let out = layer.forward(x.clone(), inputs);
         let grads = (out * Tensor::from_inner(g)).sum().backward();
-        params.add_grads(&mut acc, policy, &grads);
+        params.trainable.add_grads(&mut acc, policy, &grads);
         g = x
             .grad(&grads)
             .unwrap_or_else(|| x.clone().inner().zeros_like());
@@ -89,6 +89,6 @@ pub fn backward<B: KernelBackend, T>(
     let grads = (policy.model.embed(input_ids) * Tensor::from_inner(g))
         .sum()
         .backward();
-    params.add_grads(&mut acc, policy, &grads);
-    (params.finish_grads(acc), extra)
+    params.trainable.add_grads(&mut acc, policy, &grads);
+    (params.trainable.finish_grads(acc), extra)
 }

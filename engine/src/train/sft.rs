@@ -29,7 +29,7 @@ use super::config::TrainConfig;
 use super::dist::{self, Peer, World};
 use super::driver::{self, Micro, Recipe, Setup};
 use super::metrics::json_f64;
-use super::optim::Flat;
+use super::params::Params;
 use super::recompute;
 use super::{Event, TrainJob, TrainSummary};
 use crate::data::{parse_rows_with, parse_sft_row, Dataset, EncodeOptions, Encoded};
@@ -81,7 +81,7 @@ struct MicroOut<B: Backend> {
 #[allow(clippy::too_many_arguments)]
 fn sft_micro<B: KernelBackend>(
     cfg: &LlamaConfig,
-    params: &Flat<B>,
+    params: &Params<B>,
     batch: &[Vec<&SftExample>],
     completion_only: bool,
     packed: bool,
@@ -203,6 +203,7 @@ pub fn run_sft_peer<B: KernelBackend>(
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
     // ---- setup ------------------------------------------------------------------------------
+    let job = &job.resolved()?;
     let setup = Setup::new(job)?;
     let (cfg, paths) = (&job.cfg, &job.paths);
     let (ds, label) = load_examples(
@@ -271,7 +272,13 @@ pub fn run_sft_peer<B: KernelBackend>(
         if cfg.packing { "sequences" } else { "rows" }
     )));
     let (initial, _) = setup.source.load::<B>(device)?;
-    let params = Flat::of_model(&initial);
+    let params = Params::initial(
+        cfg,
+        job.paths.adapter.as_deref(),
+        &initial,
+        &setup.model_cfg,
+        device,
+    )?;
     drop(initial);
 
     // ---- loop and finish: the shared driver, with SFT's micro-batch and metrics ----------------
@@ -333,7 +340,7 @@ impl<B: KernelBackend> Recipe<B> for Sft<'_, B> {
     }
 
     /// Ignores `scale`: the loss is a mean over the global batch's scored tokens, not its units.
-    fn micro(&mut self, params: &Flat<B>, ids: &[usize], _scale: f64) -> Micro<B> {
+    fn micro(&mut self, params: &Params<B>, ids: &[usize], _scale: f64) -> Micro<B> {
         let batch: Vec<Vec<&SftExample>> = ids
             .iter()
             .map(|&u| self.units[u].iter().map(|&i| &self.rows[i]).collect())

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use wrpo_models::LlamaConfig;
 
 use super::config::TrainConfig;
-use super::optim::{AdamState, Flat};
+use super::optim::AdamState;
+use super::params::Params;
 
 /// `trainer_state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,14 +100,21 @@ pub fn read_safetensors(path: &Path) -> Result<HostTensors> {
 }
 
 /// Write a model folder (weights, config, tokenizer files) into `dir`, not atomically (callers
-/// write into a temporary folder).
+/// write into a temporary folder). Under LoRA the weights are a PEFT adapter
+/// (`adapter_config.json` naming `base` + `adapter_model.safetensors`), not the model.
 pub fn write_model_dir<B: Backend>(
     dir: &Path,
-    params: &Flat<B>,
+    params: &Params<B>,
     cfg: &LlamaConfig,
     tokenizer_from: &TokenizerFiles,
+    base: &str,
 ) -> Result<()> {
-    wrpo_models::save_hf(&params.model(cfg), cfg, dir)?;
+    match &params.lora {
+        None => wrpo_models::save_hf(&params.model(cfg), cfg, dir)?,
+        Some(lora) => {
+            wrpo_models::lora::save_adapter(dir, lora, base, &params.trainable.to_host())?
+        }
+    }
     match tokenizer_from {
         TokenizerFiles::Dir(src) => {
             for f in TOKENIZER_FILES {
@@ -183,14 +191,14 @@ pub fn write_dir_atomic(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>
 /// Save a full checkpoint into `dir`.
 pub fn save_checkpoint<B: Backend>(
     dir: &Path,
-    params: &Flat<B>,
+    params: &Params<B>,
     opt: &AdamState<B>,
     cfg: &LlamaConfig,
     tokenizer_from: &TokenizerFiles,
     state: &TrainerState,
 ) -> Result<()> {
     write_dir_atomic(dir, |tmp| {
-        write_model_dir(tmp, params, cfg, tokenizer_from)?;
+        write_model_dir(tmp, params, cfg, tokenizer_from, &state.model)?;
         let mut t = Vec::new();
         for (prefix, f) in [("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)] {
             for (n, s, v) in f.to_host() {
@@ -227,18 +235,19 @@ pub fn latest_checkpoint(output: &Path) -> Option<PathBuf> {
 
 /// A checkpoint read back.
 pub struct Restored<B: Backend> {
-    /// Policy parameters.
-    pub params: Flat<B>,
+    /// Policy parameters (the trainable group read back, the frozen one shared with `like`).
+    pub params: Params<B>,
     /// AdamW state.
     pub opt: AdamState<B>,
     /// Trainer state.
     pub state: TrainerState,
 }
 
-/// Read `dir` into tensors laid out like `like` (the initial model's parameters).
+/// Read `dir` into tensors laid out like `like` (the initial parameters): the trainable group
+/// from `model.safetensors` (or, under LoRA, `adapter_model.safetensors`) and its AdamW moments.
 pub fn load_checkpoint<B: Backend>(
     dir: &Path,
-    like: &Flat<B>,
+    like: &Params<B>,
     device: &B::Device,
 ) -> Result<Restored<B>> {
     let state_path = dir.join("trainer_state.json");
@@ -247,7 +256,16 @@ pub fn load_checkpoint<B: Backend>(
             .with_context(|| format!("reading {}", state_path.display()))?,
     )
     .with_context(|| format!("{}: bad trainer state", state_path.display()))?;
-    let mut tensors = read_safetensors(&dir.join("model.safetensors"))?;
+    let (weights, prefix) = match like.lora {
+        None => ("model.safetensors", ""),
+        Some(_) => (
+            wrpo_models::lora::ADAPTER_WEIGHTS,
+            wrpo_models::lora::PEFT_PREFIX,
+        ),
+    };
+    let mut tensors = read_safetensors(&dir.join(weights))?;
+    let like_params = like;
+    let like = &like.trainable;
     let mut opt = read_safetensors(&dir.join("optimizer.safetensors"))?;
     let take =
         |map: &mut HostTensors, key: String, shape: &[usize], file: &str| -> Result<Vec<f32>> {
@@ -263,8 +281,9 @@ pub fn load_checkpoint<B: Backend>(
             Ok(v)
         };
     let params = like.from_host_like(device, &mut |n, s| {
-        take(&mut tensors, n.to_string(), s, "model.safetensors")
+        take(&mut tensors, format!("{prefix}{n}"), s, weights)
     })?;
+    let params = like_params.with_trainable(params);
     let exp_avg = like.from_host_like(device, &mut |n, s| {
         take(&mut opt, format!("exp_avg.{n}"), s, "optimizer.safetensors")
     })?;

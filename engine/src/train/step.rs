@@ -11,7 +11,7 @@ use wrpo_kernels::KernelBackend;
 use wrpo_models::{LayerInputs, Llama, LlamaConfig};
 
 use super::metrics::RowStats;
-use super::optim::Flat;
+use super::params::Params;
 use crate::data::Encoded;
 use crate::logps::{
     fused_sums, make_batch, make_packed_batch, pack_bfd, Head, HeadImpl, RowLogps, Scored,
@@ -295,7 +295,7 @@ pub struct MicroOut<B: Backend> {
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step<B: KernelBackend>(
     cfg: &LlamaConfig,
-    params: &Flat<B>,
+    params: &Params<B>,
     reference: &Reference<B>,
     loss_cfg: &LossConfig,
     rows: &[&Encoded],

@@ -1,0 +1,190 @@
+//! The policy's parameter store: named flat tensors in two groups.
+//!
+//! - **trainable**: what the optimizer moves, clips, all-reduces and checkpoints with its AdamW
+//!   moments — every weight of a full fine-tune, or only the LoRA adapters;
+//! - **frozen**: weights that never move and have no gradient or optimizer state — the base model
+//!   under LoRA (empty in a full fine-tune). Frozen weights are shared with the reference model
+//!   (the base with the adapters off), so LoRA holds no second copy of the model.
+//!
+//! Both groups hold f32 tensors today (the storage dtype of every backend's compute). The module
+//! is rebuilt around the stored tensors for each micro-batch at no copy cost ([`Params::model`],
+//! [`Params::leaf_model`]).
+
+use std::path::Path;
+
+use anyhow::Result;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use wrpo_models::{Llama, LlamaConfig, LoraConfig};
+
+use super::config::TrainConfig;
+use super::optim::Flat;
+
+/// The policy's parameters (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Params<B: Backend> {
+    /// The optimizer's parameters, in [`wrpo_models::llama::param_specs`] order (full
+    /// fine-tune) or [`LoraConfig::specs`] order (LoRA).
+    pub trainable: Flat<B>,
+    /// Weights without gradients (the LoRA base; empty in a full fine-tune).
+    pub frozen: Flat<B>,
+    /// The adapters' settings when `trainable` holds LoRA adapters.
+    pub lora: Option<LoraConfig>,
+    /// The seed of the current micro-batch's LoRA dropout masks (set by the driver before each
+    /// micro-batch, so that a resumed run draws the masks an uninterrupted one would).
+    pub dropout_seed: u64,
+}
+
+impl<B: Backend> Params<B> {
+    /// A full fine-tune: every weight of `model` trainable.
+    pub fn full(model: &Llama<B>) -> Self {
+        Params {
+            trainable: Flat::of_model(model),
+            frozen: Flat::empty(),
+            lora: None,
+            dropout_seed: 0,
+        }
+    }
+
+    /// LoRA: `base`'s weights frozen, `adapters` (named and shaped as [`LoraConfig::specs`])
+    /// trainable.
+    pub fn lora(
+        base: &Llama<B>,
+        lora: LoraConfig,
+        adapters: Vec<(String, Vec<usize>, Vec<f32>)>,
+        device: &B::Device,
+    ) -> Self {
+        Params {
+            trainable: Flat::from_host(device, adapters),
+            frozen: Flat::of_model(base),
+            lora: Some(lora),
+            dropout_seed: 0,
+        }
+    }
+
+    /// A run's initial parameters: a full fine-tune of `model`, or (`lora_r` > 0) LoRA adapters
+    /// on it — the PEFT adapter in `adapter` (`--adapter`), or fresh ones initialised as PEFT
+    /// does from `cfg.seed`.
+    pub fn initial(
+        cfg: &TrainConfig,
+        adapter: Option<&Path>,
+        model: &Llama<B>,
+        model_cfg: &LlamaConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let Some(lora) = cfg.lora() else {
+            return Ok(Params::full(model));
+        };
+        let tensors = match adapter {
+            Some(dir) => {
+                let (_, t) = wrpo_models::lora::load_adapter(dir, model_cfg)?;
+                t.into_iter().map(|(n, (s, v))| (n, s, v)).collect()
+            }
+            None => lora.init(model_cfg, cfg.seed),
+        };
+        Ok(Params::lora(model, lora, tensors, device))
+    }
+
+    /// The same store with other trainable tensors (a checkpoint's).
+    pub fn with_trainable(&self, trainable: Flat<B>) -> Self {
+        Params {
+            trainable,
+            ..self.clone()
+        }
+    }
+
+    /// Parameters in the trainable group.
+    pub fn trainable_count(&self) -> usize {
+        self.trainable
+            .shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Parameters in the frozen group.
+    pub fn frozen_count(&self) -> usize {
+        self.frozen
+            .shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+
+    fn tensor(&self, name: &str) -> Tensor<B, 1> {
+        self.trainable
+            .get(name)
+            .or_else(|| self.frozen.get(name))
+            .unwrap_or_else(|| panic!("parameter {name} is in neither group"))
+            .clone()
+    }
+
+    /// The model without adapters: the base (the reference under LoRA), or the policy itself in
+    /// a full fine-tune.
+    pub fn base_model(&self, cfg: &LlamaConfig) -> Llama<B> {
+        let (t, f) = (self.trainable.index(), self.frozen.index());
+        Llama::build_from(cfg, &mut |name, _| match t(name) {
+            Some(i) => self.trainable.values[i].clone(),
+            None => self.frozen.values[f(name).expect("a base weight")].clone(),
+        })
+    }
+
+    /// The policy for inference (adapters attached, no dropout).
+    pub fn model(&self, cfg: &LlamaConfig) -> Llama<B> {
+        let model = self.base_model(cfg);
+        match &self.lora {
+            None => model,
+            Some(lora) => model.attach_lora(cfg, lora, None, &mut |n, _| self.tensor(n)),
+        }
+    }
+
+    /// The policy on the inner backend with this micro-batch's dropout masks: the graph-free
+    /// forward of layer checkpointing, whose layers are then recomputed under autodiff by
+    /// [`Params::leaf_model`] with the same masks.
+    pub fn train_model(&self, cfg: &LlamaConfig) -> Llama<B> {
+        let model = self.base_model(cfg);
+        match &self.lora {
+            None => model,
+            Some(lora) => {
+                let seed = (lora.dropout > 0.0).then_some(self.dropout_seed);
+                model.attach_lora(cfg, lora, seed, &mut |n, _| self.tensor(n))
+            }
+        }
+    }
+
+    /// The policy for one forward + backward: an autodiff module whose trainable tensors are
+    /// leaves requiring a gradient and whose frozen ones are constants; LoRA dropout (when set)
+    /// draws its masks from [`Params::dropout_seed`].
+    pub fn leaf_model(&self, cfg: &LlamaConfig) -> Llama<Autodiff<B>> {
+        let trainable = self.trainable.index();
+        let mut source = |name: &str, _: &[usize]| {
+            let t = Tensor::<Autodiff<B>, 1>::from_inner(self.tensor(name));
+            match trainable(name) {
+                Some(_) => t.require_grad(),
+                None => t,
+            }
+        };
+        let model = Llama::build_from(cfg, &mut source);
+        match &self.lora {
+            None => model,
+            Some(lora) => {
+                let seed = (lora.dropout > 0.0).then_some(self.dropout_seed);
+                model.attach_lora(cfg, lora, seed, &mut source)
+            }
+        }
+    }
+
+    /// The gradient of every trainable tensor in `grads` (one backward through `model`, a
+    /// [`Params::leaf_model`]), in the trainable group's order; zeros where the loss does not
+    /// reach.
+    pub fn grads_of(
+        &self,
+        model: &Llama<Autodiff<B>>,
+        grads: &<Autodiff<B> as AutodiffBackend>::Gradients,
+    ) -> Vec<Tensor<B, 1>> {
+        let mut acc = vec![None; self.trainable.values.len()];
+        self.trainable.add_grads(&mut acc, model, grads);
+        self.trainable.finish_grads(acc)
+    }
+}
