@@ -70,6 +70,20 @@ enum Command {
     /// largest micro-batch that does.
     #[command(allow_negative_numbers = true)]
     Plan(Box<plan::PlanCmd>),
+    /// Fold a PEFT LoRA adapter into its base model and write a full Hugging Face folder
+    /// (f32 weights, config.json, the base's tokenizer files) that transformers loads.
+    Merge {
+        /// The base model folder the adapter was trained on.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a
+        /// `train --lora-r` run's final/.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (written into a temporary folder, then renamed into place).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run the orchestrator of a multi-node (`--nodes N`) train or sft run until interrupted.
     ///
     /// Every node registers with it (`--orchestrator HOST:PORT`) before each update's all-reduce,
@@ -297,6 +311,10 @@ struct LogpsArgs {
     /// WRPO rows (JSON Lines or a JSON array). Default with the built-in model: the bundled dataset.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder applied on top of --model (adapter_config.json +
+    /// adapter_model.safetensors, e.g. a `train --lora-r` run's final/).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Output JSON Lines file (written atomically). Default: standard output.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -373,6 +391,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::BuildDataset(args) => build_dataset::build_dataset(args),
         Command::Backends => backends(),
         Command::Plan(a) => plan::plan_cmd(*a),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            wrpo_engine_core::model::merge_adapter(&model, &adapter, &out)?;
+            eprintln!(
+                "merged {} into {}: wrote {}",
+                adapter.display(),
+                model.display(),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
         Command::Bench(BenchCommand::Step(a)) => bench_step(a),
         Command::Bench(BenchCommand::Sample(a)) => bench_sample(a),
@@ -442,6 +474,7 @@ fn logps(a: LogpsArgs) -> Result<()> {
             imp: a.lm_head_impl,
             chunk: a.lm_head_chunk,
         },
+        adapter: a.adapter.clone(),
     };
     eprintln!("model: {}", job.model.label());
     let selected = device(a.backend.backend)?;

@@ -21,6 +21,10 @@ pub struct SampleCmd {
     /// LLaMA, with the bundled dataset's prompts.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder applied on top of --model (adapter_config.json +
+    /// adapter_model.safetensors, e.g. a `train --lora-r` run's final/).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Prompts, JSON Lines: `prompt` (a string, a message or a list of messages) and an optional
     /// `prompt_id` (default: the line number). Required with --model.
     #[arg(long)]
@@ -64,6 +68,7 @@ pub fn sample(a: SampleCmd) -> Result<()> {
     }
     let job = SampleJob {
         model: ModelSource::from_arg(a.model.as_deref()),
+        adapter: a.adapter.clone(),
         prompts: a.prompts.clone(),
         n: a.n,
         max_new_tokens: a.max_new_tokens,

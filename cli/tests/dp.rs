@@ -147,6 +147,11 @@ fn metrics(out: &Path) -> Vec<BTreeMap<String, f64>> {
 
 /// Every metric of every update and the final weights of `got` against `want`.
 fn same_run(label: &str, got: &Path, want: &Path) {
+    same_run_of(label, got, want, "final/model.safetensors")
+}
+
+/// [`same_run`] with the final weights in `weights` (a LoRA run's adapter file).
+fn same_run_of(label: &str, got: &Path, want: &Path, weights: &str) {
     let (g, w) = (metrics(got), metrics(want));
     assert_eq!(g.len(), w.len(), "{label}: number of records");
     assert_eq!(g.len(), 5, "{label}: one record per update");
@@ -165,11 +170,7 @@ fn same_run(label: &str, got: &Path, want: &Path) {
             rep.max_abs, rep.max_rel
         );
     }
-    let (a, b) = paired_weights(
-        &got.join("final/model.safetensors"),
-        &want.join("final/model.safetensors"),
-        label,
-    );
+    let (a, b) = paired_weights(&got.join(weights), &want.join(weights), label);
     let rep = assert_close(
         &format!("{label} final weights"),
         &a,
@@ -470,5 +471,31 @@ fn an_unreachable_orchestrator_is_an_error_in_bounded_time() {
         )),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// LoRA adapters train data-parallel (their gradients are what the peers all-reduce): train and
+/// sft on two device peers match one device with the same global batch.
+#[test]
+fn lora_two_device_peers_match_one_device() {
+    let dir = tmp("lora");
+    let lora = [("lora-r", "4"), ("lora-target-modules", "all-linear")];
+    for command in ["train", "sft"] {
+        let single = recipe(command, &dir.join(command).join("single"), 4, &lora)
+            .output()
+            .unwrap();
+        assert!(single.status.success(), "{}", stderr(&single));
+        let two = recipe(command, &dir.join(command).join("two"), 2, &lora)
+            .args(["--devices", "cpu,cpu"])
+            .output()
+            .unwrap();
+        assert!(two.status.success(), "{}", stderr(&two));
+        same_run_of(
+            &format!("{command} --lora-r 4 --devices cpu,cpu × batch 2 vs 1 × batch 4"),
+            &dir.join(command).join("two"),
+            &dir.join(command).join("single"),
+            "final/adapter_model.safetensors",
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -365,6 +365,8 @@ pub struct LogpsJob {
     pub skip_bad_rows: bool,
     /// Fused or dense LM head.
     pub head: Head,
+    /// A PEFT LoRA adapter on the model (`--adapter`).
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// What a `logps` run produced.
@@ -395,7 +397,9 @@ pub fn run_logps<B: wrpo_kernels::KernelBackend>(
     };
     let ds =
         crate::data::load_or_bundled(job.data.as_deref(), tok.as_ref(), &opts, job.skip_bad_rows)?;
-    let (model, cfg) = job.model.load::<B>(device)?;
+    let (model, cfg) = job
+        .model
+        .load_adapted::<B>(job.adapter.as_deref(), device)?;
     let pad = tok
         .as_ref()
         .and_then(|t| t.pad.as_ref().or(t.eos.as_ref()))

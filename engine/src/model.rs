@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use wrpo_kernels::attention::AttentionImpl;
 use wrpo_models::{checkpoint::load_config, load_hf, Llama, LlamaConfig};
@@ -95,6 +96,44 @@ impl ModelSource {
             Self::Dir(d) => load_hf(d, device)?,
         })
     }
+}
+
+impl ModelSource {
+    /// Load the weights, with the PEFT LoRA adapter in `adapter` attached (`--adapter`; no
+    /// dropout): what PEFT's `PeftModel.from_pretrained(base, adapter)` computes.
+    pub fn load_adapted<B: Backend>(
+        &self,
+        adapter: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<(Llama<B>, LlamaConfig)> {
+        let (model, cfg) = self.load::<B>(device)?;
+        let Some(dir) = adapter else {
+            return Ok((model, cfg));
+        };
+        let (lora, tensors) = wrpo_models::lora::load_adapter(dir, &cfg)
+            .with_context(|| format!("--adapter {} on {}", dir.display(), self.label()))?;
+        let model = model.attach_lora(&cfg, &lora, None, &mut |name, _| {
+            let (_, v) = &tensors[name];
+            Tensor::from_data(TensorData::new(v.clone(), [v.len()]), device)
+        });
+        Ok((model, cfg))
+    }
+}
+
+/// `wrpo-engine merge`: the model in `base` with the PEFT LoRA adapter in `adapter` folded into
+/// its weights (`W + s·B·A`, PEFT's `merge_and_unload`), written to `out` as a Hugging Face
+/// folder (f32 weights, config.json, the base's tokenizer files) that transformers loads. `out`
+/// is written into a temporary folder and renamed into place.
+pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    type B = crate::backend::CpuBackend;
+    let device = Default::default();
+    let source = ModelSource::Dir(base.to_path_buf());
+    let (model, cfg) = source.load_adapted::<B>(Some(adapter), &device)?;
+    let merged = model.merge_lora();
+    crate::train::state::write_dir_atomic(out, |tmp| {
+        wrpo_models::save_hf(&merged, &cfg, tmp)?;
+        crate::train::state::copy_tokenizer_files(base, tmp)
+    })
 }
 
 /// Check that `path` exists before long work starts.

@@ -5,6 +5,8 @@
 //! lavapipe (`apt-get install mesa-vulkan-drivers libvulkan1`), which CI installs. They fail —
 //! not skip — when no adapter exists.
 
+use std::path::Path;
+
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -59,18 +61,26 @@ fn logits_fixture<B: Backend>(
 ) {
     let dir = fixtures().join(name);
     let (model, cfg) = load_hf::<B>(&dir, device).unwrap();
-    let bytes = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
+    (
+        model,
+        cfg,
+        read_logits(&dir.join("expected_logits.safetensors")),
+    )
+}
+
+/// `input_ids`, `attention_mask` and `logits` of a logits fixture file.
+fn read_logits(path: &Path) -> LogitsFixture {
+    let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (ids, shape) = tensor_f64(&st, "input_ids");
     let (mask, _) = tensor_f64(&st, "attention_mask");
     let (logits, _) = tensor_f64(&st, "logits");
-    let fx = LogitsFixture {
+    LogitsFixture {
         ids,
         mask,
         logits,
         shape,
-    };
-    (model, cfg, fx)
+    }
 }
 
 fn logits_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
@@ -84,38 +94,82 @@ fn logits_parity_of<B: wrpo_kernels::KernelBackend>(
 ) {
     for &name in names {
         let (model, cfg, fx) = logits_fixture::<B>(name, device);
-        let (ids, mask, want) = (fx.ids, fx.mask, fx.logits);
-        let (n, t, v) = (fx.shape[0], fx.shape[1], cfg.vocab_size);
-        let ids_t = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids.iter().map(|&x| x as i64).collect(), [n, t]),
-            device,
-        );
-        let valid = Tensor::<B, 2, Bool>::from_data(
-            TensorData::new(mask.iter().map(|&x| x != 0.0).collect(), [n, t]),
-            device,
-        );
-        let got: Vec<f32> = model
-            .forward(&cfg, ids_t, valid)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap();
-        // Compare real positions only (padding positions are masked everywhere downstream).
-        let (mut g, mut w) = (Vec::new(), Vec::new());
-        for pos in 0..n * t {
-            if mask[pos] != 0.0 {
-                g.extend(got[pos * v..(pos + 1) * v].iter().map(|&x| x as f64));
-                w.extend_from_slice(&want[pos * v..(pos + 1) * v]);
-            }
-        }
-        let r = assert_close(&format!("{label} {name} logits"), &g, &w, tol::LOGITS_F32);
-        println!(
-            "{label} {name}: logits max abs err {:.3e}, max rel err {:.3e} over {} values",
-            r.max_abs,
-            r.max_rel,
-            g.len()
-        );
+        compare_logits(&format!("{label} {name}"), &model, &cfg, &fx, device);
     }
+}
+
+/// `model`'s logits of the fixture's rows against the fixture's, at real positions.
+fn compare_logits<B: wrpo_kernels::KernelBackend>(
+    what: &str,
+    model: &wrpo_models::Llama<B>,
+    cfg: &wrpo_models::LlamaConfig,
+    fx: &LogitsFixture,
+    device: &B::Device,
+) {
+    let (ids, mask, want) = (&fx.ids, &fx.mask, &fx.logits);
+    let (n, t, v) = (fx.shape[0], fx.shape[1], cfg.vocab_size);
+    let ids_t = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&x| x as i64).collect(), [n, t]),
+        device,
+    );
+    let valid = Tensor::<B, 2, Bool>::from_data(
+        TensorData::new(mask.iter().map(|&x| x != 0.0).collect(), [n, t]),
+        device,
+    );
+    let got: Vec<f32> = model
+        .forward(cfg, ids_t, valid)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
+    // Compare real positions only (padding positions are masked everywhere downstream).
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for pos in 0..n * t {
+        if mask[pos] != 0.0 {
+            g.extend(got[pos * v..(pos + 1) * v].iter().map(|&x| x as f64));
+            w.extend_from_slice(&want[pos * v..(pos + 1) * v]);
+        }
+    }
+    let r = assert_close(&format!("{what} logits"), &g, &w, tol::LOGITS_F32);
+    println!(
+        "{what}: logits max abs err {:.3e}, max rel err {:.3e} over {} values",
+        r.max_abs,
+        r.max_rel,
+        g.len()
+    );
+}
+
+/// A PEFT adapter (trained by peft, `tests/fixtures/lora/lora_wrpo_k1r1/final_adapter`) on its
+/// base gives PEFT's logits (`tests/fixtures/lora/adapter_logits.safetensors`), attached
+/// (`--adapter`) and merged into the weights (`wrpo-engine merge`, then loaded as a plain model).
+fn adapter_logits_parity<B: wrpo_kernels::KernelBackend>(device: &B::Device, label: &str) {
+    let base = fixtures().join("llama-tied");
+    let adapter = fixtures().join("lora/lora_wrpo_k1r1/final_adapter");
+    let fx = read_logits(&fixtures().join("lora/adapter_logits.safetensors"));
+    let (model, cfg) = wrpo_engine_core::model::ModelSource::Dir(base.clone())
+        .load_adapted::<B>(Some(&adapter), device)
+        .unwrap();
+    compare_logits(
+        &format!("{label} base + adapter"),
+        &model,
+        &cfg,
+        &fx,
+        device,
+    );
+    let out = std::env::temp_dir().join(format!("wrpo-merge-{label}-{}", std::process::id()));
+    wrpo_engine_core::model::merge_adapter(&base, &adapter, &out).unwrap();
+    let (merged, cfg) = load_hf::<B>(&out, device).unwrap();
+    compare_logits(&format!("{label} merged"), &merged, &cfg, &fx, device);
+    assert!(
+        out.join("tokenizer.json").is_file(),
+        "merge copies the tokenizer"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn cpu_peft_adapter_gives_peft_logits() {
+    adapter_logits_parity::<CpuBackend>(&Default::default(), "cpu");
 }
 
 /// Packed rows (`Llama::forward_packed`, what `sft --packing` runs): the fixture's sequences are

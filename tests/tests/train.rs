@@ -788,6 +788,7 @@ fn cpu_precomputed_reference_matches_on_the_fly() {
         max_prompt_length: Some(512),
         skip_bad_rows: false,
         head: Default::default(),
+        adapter: None,
     };
     let lp = wrpo_engine_core::logps::run_logps::<CpuBackend>(
         &logps_job,

@@ -257,6 +257,8 @@ pub struct SampleJob {
     pub batch_size: usize,
     /// Skip bad prompt rows instead of failing.
     pub skip_bad_rows: bool,
+    /// A PEFT LoRA adapter on the model (`--adapter`).
+    pub adapter: Option<PathBuf>,
 }
 
 /// Progress of a `sample` run.
@@ -384,7 +386,9 @@ pub fn run_sample<B: Backend>(
         pad_id,
         seed: job.seed,
     };
-    let (model, cfg) = job.model.load::<B>(device)?;
+    let (model, cfg) = job
+        .model
+        .load_adapted::<B>(job.adapter.as_deref(), device)?;
     let start = Instant::now();
     let total = prompts.len();
     let (mut tokens, mut truncated) = (0usize, 0usize);

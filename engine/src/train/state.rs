@@ -116,16 +116,7 @@ pub fn write_model_dir<B: Backend>(
         }
     }
     match tokenizer_from {
-        TokenizerFiles::Dir(src) => {
-            for f in TOKENIZER_FILES {
-                let from = src.join(f);
-                if from.is_file() {
-                    std::fs::copy(&from, dir.join(f)).with_context(|| {
-                        format!("copying {} into {}", from.display(), dir.display())
-                    })?;
-                }
-            }
-        }
+        TokenizerFiles::Dir(src) => copy_tokenizer_files(src, dir)?,
         TokenizerFiles::Embedded => {
             for (name, text) in [
                 ("tokenizer.json", crate::embedded::TOKENIZER_JSON),
@@ -135,6 +126,19 @@ pub fn write_model_dir<B: Backend>(
                 std::fs::write(&path, text)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Copy the tokenizer files (tokenizer, its config, chat template, generation config) that `src`
+/// has into `dir`.
+pub fn copy_tokenizer_files(src: &Path, dir: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let from = src.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(f))
+                .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
         }
     }
     Ok(())
