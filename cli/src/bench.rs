@@ -288,6 +288,13 @@ pub struct StepRecord {
     /// Layer checkpointing on.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// LoRA rank (0: a full fine-tune).
+    #[serde(default)]
+    pub lora_r: usize,
+    /// With LoRA: the full fine-tune's peak of the same shape, measured in a fresh process of the
+    /// same run, MiB.
+    #[serde(default)]
+    pub full_peak_mb: Option<f64>,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), bytes.
@@ -318,6 +325,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     head: wrpo_engine_core::logps::Head,
     attn: wrpo_kernels::attention::AttentionImpl,
     checkpoint: bool,
+    lora: Option<wrpo_models::LoraConfig>,
     steps: usize,
     warmup: usize,
     seed: u64,
@@ -359,11 +367,17 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
             pool_page: wrpo_engine_core::train::driver::wgpu_pool_page::<B>(device),
             // The completions: every sequence past its prompt quarter.
             scored: Some((3 * shape.batch * (shape.seq - shape.seq / 4)) as u64),
+            lora: lora
+                .as_ref()
+                .map(wrpo_engine_core::memory::plan::LoraShape::of),
         },
     )
     .peak;
     let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
-    let mut params = Params::full(&model);
+    let mut params = match &lora {
+        None => Params::full(&model),
+        Some(l) => Params::lora(&model, l.clone(), l.init(&cfg, seed), device),
+    };
     let reference = Reference::Model(Box::new(model), Box::new(cfg.clone()));
     let mut rng = StdRng::seed_from_u64(seed);
     let prompt_len = shape.seq / 4;
@@ -453,6 +467,8 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
             wrpo_kernels::attention::AttentionImpl::Dense => "dense".to_string(),
         },
         gradient_checkpointing: checkpoint,
+        lora_r: lora.map_or(0, |l| l.r),
+        full_peak_mb: None,
     })
 }
 

@@ -161,6 +161,13 @@ struct BenchStepArgs {
     /// Layer checkpointing (see `train --gradient-checkpointing`).
     #[arg(long, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
     gradient_checkpointing: bool,
+    /// LoRA rank (0: a full fine-tune). With r > 0 the same shape also runs as a full fine-tune
+    /// in a fresh process, and both peaks and their ratio are reported.
+    #[arg(long, default_value_t = 0)]
+    lora_r: usize,
+    /// LoRA target modules (see `train --lora-target-modules`).
+    #[arg(long, default_value = "all-linear")]
+    lora_target_modules: String,
     /// Timed updates (median reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -577,43 +584,57 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
             r.backend, a.hidden, a.layers, a.vocab, a.batch, r.shape.seq, r.lm_head_impl, r.attn_implementation, r.gradient_checkpointing,
             r.step_ms_median, r.tokens_per_second, mb(r.peak_mb), mb(r.base_mb), mb(r.predicted_peak_mb)
         );
+        if let (Some(full), Some(peak)) = (r.full_peak_mb, r.peak_mb) {
+            println!(
+                "  LoRA r {}: peak {peak:.0} MiB vs the full fine-tune's {full:.0} MiB (same shape, same run): {:.2}×",
+                r.lora_r,
+                peak / full
+            );
+        }
     };
-    if a.seq.len() > 1 {
-        // One fresh process per length: a process's peak resident set only grows.
+    // A fresh process of this command with `set` replacing flags: a process's peak resident set
+    // only grows, so each peak that is compared needs its own.
+    let child = |set: &[(&str, String)]| -> Result<StepRecord> {
         let exe = std::env::current_exe().context("locating the wrpo-engine binary")?;
         let mut args: Vec<String> = std::env::args().skip(1).collect();
+        for (flag, value) in set {
+            let at = args
+                .iter()
+                .position(|x| x == flag || x.starts_with(&format!("{flag}=")));
+            match at {
+                Some(i) if args[i] == *flag => args[i + 1] = value.clone(),
+                Some(i) => args[i] = format!("{flag}={value}"),
+                None => args.extend([flag.to_string(), value.clone()]),
+            }
+        }
+        if !args.iter().any(|x| x == "--json") {
+            args.push("--json".into());
+        }
+        let what = set
+            .iter()
+            .map(|(f, v)| format!("{f} {v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = std::process::Command::new(&exe)
+            .args(&args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running bench step {what}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench step {what} failed ({})",
+            out.status
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().rfind(|l| l.starts_with('{')).unwrap_or("");
+        serde_json::from_str(line)
+            .with_context(|| format!("bench step {what}: no record in {text:?}"))
+    };
+    if a.seq.len() > 1 {
         let records: Vec<StepRecord> = a
             .seq
             .iter()
-            .map(|&t| -> Result<StepRecord> {
-                let at = args
-                    .iter()
-                    .position(|x| x == "--seq" || x.starts_with("--seq="));
-                match at {
-                    Some(i) if args[i] == "--seq" => {
-                        args[i + 1] = t.to_string();
-                    }
-                    Some(i) => args[i] = format!("--seq={t}"),
-                    None => unreachable!("a list of lengths came from --seq"),
-                }
-                if !args.iter().any(|x| x == "--json") {
-                    args.push("--json".into());
-                }
-                let out = std::process::Command::new(&exe)
-                    .args(&args)
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .context("running bench step for one length")?;
-                anyhow::ensure!(
-                    out.status.success(),
-                    "bench step --seq {t} failed ({})",
-                    out.status
-                );
-                let text = String::from_utf8_lossy(&out.stdout);
-                let line = text.lines().rfind(|l| l.starts_with('{')).unwrap_or("");
-                serde_json::from_str(line)
-                    .with_context(|| format!("bench step --seq {t}: no record in {text:?}"))
-            })
+            .map(|&t| child(&[("--seq", t.to_string())]))
             .collect::<Result<_>>()?;
         for r in &records {
             if a.json {
@@ -624,6 +645,22 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let lora = match a.lora_r {
+        0 => None,
+        r => Some(wrpo_models::LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            dropout: 0.0,
+            targets: wrpo_models::Target::parse_list(&a.lora_target_modules)
+                .map_err(|e| anyhow::anyhow!("--lora-target-modules: {e}"))?,
+            rslora: false,
+        }),
+    };
+    let full = match lora {
+        // The full fine-tune first, in its own process.
+        Some(_) => Some(child(&[("--lora-r", "0".into())])?),
+        None => None,
+    };
     let selected = device(a.backend.backend)?;
     let label = selected.to_string();
     let shape = StepShape {
@@ -640,7 +677,11 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         imp: a.lm_head_impl,
         chunk: a.lm_head_chunk,
     };
-    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, a.steps, a.warmup, a.seed))?;
+    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, lora.clone(), a.steps, a.warmup, a.seed))?;
+    let r = StepRecord {
+        full_peak_mb: full.and_then(|f| f.peak_mb),
+        ..r
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r).expect("serialisable"));
     } else {

@@ -658,6 +658,66 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
             ],
             &["--attn-implementation tiled", "attention scores", "MiB"],
         ),
+        // LoRA.
+        with(
+            case(
+                "LoRA on the LM head",
+                &[],
+                &["lm_head", "not supported", "all-linear"],
+            ),
+            train(&["--lora-r", "4", "--lora-target-modules", "q_proj,lm_head"]),
+        ),
+        with(
+            case("an unknown LoRA target", &[], &["\"qproj\"", "q_proj"]),
+            train(&["--lora-r", "4", "--lora-target-modules", "qproj"]),
+        ),
+        with(
+            case("LoRA dropout of 1", &[], &["lora_dropout", "[0, 1)"]),
+            train(&["--lora-r", "4", "--lora-dropout", "1"]),
+        ),
+        with(
+            case(
+                "--adapter without adapter_config.json",
+                &[],
+                &["--adapter", "no-such-adapter", "adapter_config.json"],
+            ),
+            train(&["--adapter", &p("no-such-adapter")]),
+        ),
+        with(
+            case(
+                "--adapter whose rank disagrees with --lora-r",
+                &[],
+                &["--adapter", "lora_r 8 (adapter: 4)", "leave lora_r at 0"],
+            ),
+            train(&[
+                "--model",
+                &fx("llama-tied"),
+                "--data",
+                &fx("train/train_rows.jsonl"),
+                "--lora-r",
+                "8",
+                "--lora-target-modules",
+                "all-linear",
+                "--adapter",
+                &fx("lora/lora_wrpo_k1r1/initial_adapter"),
+            ]),
+        ),
+        case(
+            "merge: an adapter for another model",
+            &[
+                "merge",
+                "--model",
+                &fx("llama-gqa"),
+                "--adapter",
+                &fx("lora/lora_wrpo_k1r1/final_adapter"),
+                "--out",
+                &p("merged"),
+            ],
+            &[
+                "llama-gqa",
+                "lora_B.weight: expected [32, 4], found [64, 4]",
+            ],
+        ),
         // plan.
         case(
             "plan: a memory size in an unknown unit",

@@ -53,7 +53,7 @@
 
 use serde::Serialize;
 use wrpo_kernels::attention::AttentionImpl;
-use wrpo_models::LlamaConfig;
+use wrpo_models::{LlamaConfig, LoraConfig, Target};
 
 use crate::logps::{Head, HeadImpl};
 use crate::train::config::TrainConfig;
@@ -98,6 +98,60 @@ pub struct Workload {
     /// Scored positions of a micro-batch (completion tokens), where known; else every position
     /// (`sequences × tokens`), an upper bound.
     pub scored: Option<u64>,
+    /// LoRA: the base frozen, only adapters of this shape train.
+    pub lora: Option<LoraShape>,
+}
+
+/// The shape of a run's LoRA adapters, for the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraShape {
+    /// Rank r.
+    pub r: usize,
+    /// The adapted modules, a bit per [`Target::ALL`] entry.
+    targets: u8,
+}
+
+impl LoraShape {
+    /// The shape of `lora`.
+    pub fn of(lora: &LoraConfig) -> Self {
+        let targets = Target::ALL
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| lora.targets.contains(t))
+            .fold(0u8, |m, (i, _)| m | 1 << i);
+        LoraShape { r: lora.r, targets }
+    }
+
+    fn targets(self) -> impl Iterator<Item = Target> {
+        Target::ALL
+            .into_iter()
+            .enumerate()
+            .filter(move |(i, _)| self.targets & (1 << i) != 0)
+            .map(|(_, t)| t)
+    }
+
+    /// Adapter parameters of `cfg` (every layer: `r·(in + out)` per target).
+    pub fn parameters(self, cfg: &LlamaConfig) -> u64 {
+        let per_layer: u64 = self
+            .targets()
+            .map(|t| {
+                let (out, inn) = t.dims(cfg);
+                (self.r * (inn + out)) as u64
+            })
+            .sum();
+        per_layer * cfg.num_layers as u64
+    }
+
+    /// The largest adapter tensor's elements.
+    fn largest(self, cfg: &LlamaConfig) -> u64 {
+        self.targets()
+            .map(|t| {
+                let (out, inn) = t.dims(cfg);
+                (self.r * inn.max(out)) as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl Workload {
@@ -128,6 +182,7 @@ impl Workload {
             host: run.host,
             pool_page: run.pool_page,
             scored: None,
+            lora: cfg.lora().as_ref().map(LoraShape::of),
         }
     }
 }
@@ -189,8 +244,10 @@ pub struct Part {
 /// The predicted peak of one update, in parts.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryPlan {
-    /// Parameters `P`.
+    /// Parameters `P` of the model.
     pub parameters: u64,
+    /// Trainable parameters: `P`, or the LoRA adapters'.
+    pub trainable: u64,
     /// The parts; the peak is the sum of the parts held at the [`MemoryPlan::peak_phase`].
     pub parts: Vec<Part>,
     /// The moment that sets the peak.
@@ -247,19 +304,47 @@ pub fn plan(cfg: &LlamaConfig, w: &Workload) -> MemoryPlan {
         })
     };
 
-    part(
-        "weights",
-        format!("{} trainable parameters, f32", count(p)),
-        F32 * p,
-        &[],
-    );
+    // The optimizer's parameters: every weight, or the adapters.
+    let (tp, largest) = match w.lora {
+        None => {
+            part(
+                "weights",
+                format!("{} trainable parameters, f32", count(p)),
+                F32 * p,
+                &[],
+            );
+            (p, largest_tensor(cfg))
+        }
+        Some(lora) => {
+            let a = lora.parameters(cfg);
+            part(
+                "weights",
+                format!("{} frozen base parameters, f32", count(p)),
+                F32 * p,
+                &[],
+            );
+            part(
+                "weights",
+                format!("{} trainable LoRA parameters (r {}), f32", count(a), lora.r),
+                F32 * a,
+                &[],
+            );
+            (a, lora.largest(cfg))
+        }
+    };
     part(
         "optimizer",
         "AdamW exp_avg and exp_avg_sq, f32".into(),
-        2 * F32 * p,
+        2 * F32 * tp,
         &[],
     );
     match w.reference {
+        _ if w.lora.is_some() => part(
+            "reference",
+            "the frozen base with the adapters off (shared, no copy)".into(),
+            0,
+            &[],
+        ),
         ReferenceMemory::Model => part(
             "reference",
             "a frozen f32 copy of the weights (none with precompute_ref)".into(),
@@ -276,7 +361,14 @@ pub fn plan(cfg: &LlamaConfig, w: &Workload) -> MemoryPlan {
 
     // Saved activations, in elements (the module docs count them).
     let dense_attn = matches!(w.attn, AttentionImpl::Dense);
-    let per_token = 6 * h + 3 * q + 2 * kv + 5 * i + if dense_attn { mul(&[3, nh, t]) } else { 0 };
+    // LoRA saves each adapter's `x·Aᵀ` (`r` per token and target) for B's gradient.
+    let lora_per_token = w.lora.map_or(0, |x| (x.r * x.targets().count()) as u64);
+    let per_token = 6 * h
+        + 3 * q
+        + 2 * kv
+        + 5 * i
+        + lora_per_token
+        + if dense_attn { mul(&[3, nh, t]) } else { 0 };
     let per_layer = mul(&[per_token, tokens]);
     let outside = mul(&[4, h, tokens]);
     if w.checkpoint {
@@ -318,12 +410,14 @@ pub fn plan(cfg: &LlamaConfig, w: &Workload) -> MemoryPlan {
             &[HD],
         ),
     }
-    part(
-        "logits / head",
-        format!("the head weight's gradient [V {v}, H {h}]"),
-        F32 * v * h,
-        &[HD, LY],
-    );
+    if w.lora.is_none() {
+        part(
+            "logits / head",
+            format!("the head weight's gradient [V {v}, H {h}]"),
+            F32 * v * h,
+            &[HD, LY],
+        );
+    }
     if let AttentionImpl::Tiled { block } = w.attn {
         let block = (block as u64).min(t);
         part(
@@ -340,22 +434,22 @@ pub fn plan(cfg: &LlamaConfig, w: &Workload) -> MemoryPlan {
                 "f32, the sum over {} micro-batches (accumulated)",
                 w.micro_batches
             ),
-            F32 * p,
+            F32 * tp,
             &[HD, LY, UP],
         );
         part(
             "gradients",
             "one micro-batch's, added to the sum".into(),
-            F32 * p,
+            F32 * tp,
             &[UP],
         );
     } else {
-        part("gradients", "f32".into(), F32 * p, &[UP]);
+        part("gradients", "f32".into(), F32 * tp, &[UP]);
     }
     part(
         "workspace",
         "AdamW: four temporaries of the largest tensor".into(),
-        4 * F32 * largest_tensor(cfg),
+        4 * F32 * largest,
         &[UP],
     );
     if let Some(page) = w.pool_page {
@@ -392,6 +486,7 @@ pub fn plan(cfg: &LlamaConfig, w: &Workload) -> MemoryPlan {
         .expect("three phases");
     MemoryPlan {
         parameters: p,
+        trainable: tp,
         parts,
         peak_phase,
         peak,
@@ -570,6 +665,12 @@ pub fn advice(
         all.attn_implementation = crate::model::AttnImpl::Tiled;
         try_one("--attn-implementation tiled".into(), c, &mut out);
     }
+    if cfg.lora_r == 0 {
+        // LoRA on every linear layer, at a common rank (frozen base, no reference copy).
+        let c = lora_preset(cfg);
+        all = lora_preset(&all);
+        try_one(LORA_ADVICE.into(), c, &mut out);
+    }
     let global = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
     let smaller = |c: &TrainConfig| -> Option<TrainConfig> {
         let w = Workload::of(c, run);
@@ -618,6 +719,7 @@ pub fn advice(
                 both.attn_implementation != cfg.attn_implementation,
                 "--attn-implementation tiled",
             ),
+            (both.lora_r != cfg.lora_r, LORA_ADVICE),
         ] {
             if on {
                 name.push(flag.to_string());
@@ -631,6 +733,18 @@ pub fn advice(
         }
     }
     out
+}
+
+/// The LoRA settings [`advice`] proposes.
+const LORA_ADVICE: &str = "--lora-r 16 --lora-alpha 32 --lora-target-modules all-linear";
+
+fn lora_preset(cfg: &TrainConfig) -> TrainConfig {
+    TrainConfig {
+        lora_r: 16,
+        lora_alpha: 32.0,
+        lora_target_modules: crate::train::config::LoraTargets(Target::ALL.to_vec()),
+        ..cfg.clone()
+    }
 }
 
 /// Stop when `plan` exceeds `memory` (the device's, when it reports one): the plan, and the
@@ -648,8 +762,8 @@ pub fn check_fits(
     let fixes = advice(memory);
     let fixes = if fixes.is_empty() {
         format!(
-            "no setting of this trainer fits it: the weights and AdamW state alone need {} (LoRA and a sharded optimizer are not available yet); use a device with more memory or a smaller model",
-            human(16 * plan.parameters)
+            "no setting of this trainer fits it, LoRA included (its frozen f32 weights alone need {}; half-precision storage and a sharded optimizer are not available yet); use a device with more memory or a smaller model",
+            human(4 * plan.parameters)
         )
     } else {
         fixes
@@ -688,6 +802,7 @@ mod tests {
             host: false,
             pool_page: None,
             scored: None,
+            lora: None,
         }
     }
 
@@ -697,6 +812,46 @@ mod tests {
             .filter(|x| x.name == name)
             .map(|x| x.bytes)
             .sum()
+    }
+
+    /// LoRA: the base's weights stay (4P), the adapters carry weights, gradients and AdamW state
+    /// (16A + workspace), no reference copy and no head-weight gradient; the count of adapter
+    /// parameters is PEFT's `r·(in + out)` per targeted layer.
+    #[test]
+    fn lora_plan_holds_the_frozen_base_and_the_adapters() {
+        let cfg = llama(1000, 64, 96, 2, 4, 2);
+        let full = plan(
+            &cfg,
+            &Workload {
+                reference: ReferenceMemory::Model,
+                ..work(3, 32)
+            },
+        );
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec![Target::Q, Target::Down],
+            rslora: false,
+        };
+        let shape = LoraShape::of(&lora);
+        let a = shape.parameters(&cfg);
+        assert_eq!(a, lora.count(&cfg) as u64);
+        // q: 4·(64 + 64), down: 4·(96 + 64), per layer, 2 layers.
+        assert_eq!(a, 2 * (4 * 128 + 4 * 160));
+        let w = Workload {
+            reference: ReferenceMemory::Model,
+            lora: Some(shape),
+            ..work(3, 32)
+        };
+        let p = plan(&cfg, &w);
+        assert_eq!(part(&p, "weights"), 4 * (p.parameters + a));
+        assert_eq!(part(&p, "optimizer"), 8 * a);
+        assert_eq!(part(&p, "reference"), 0);
+        assert_eq!(part(&p, "gradients"), 4 * a);
+        assert_eq!(p.trainable, a);
+        assert!(part(&p, "logits / head") < part(&full, "logits / head"));
+        assert!(p.peak < full.peak, "{} vs {}", p.peak, full.peak);
     }
 
     #[test]
