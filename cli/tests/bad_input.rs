@@ -703,6 +703,22 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
             ]),
         ),
         case(
+            "an adapter folder passed as --model",
+            &[
+                "logps",
+                "--model",
+                &fx("lora/lora_wrpo_k1r1/final_adapter"),
+                "--data",
+                &fx("train/train_rows.jsonl"),
+            ],
+            &[
+                "final_adapter",
+                "PEFT LoRA adapter",
+                "--adapter",
+                "wrpo-engine merge",
+            ],
+        ),
+        case(
             "merge: an adapter for another model",
             &[
                 "merge",

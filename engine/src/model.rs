@@ -63,6 +63,11 @@ impl ModelSource {
     pub fn config(&self) -> Result<LlamaConfig> {
         Ok(match self {
             Self::Embedded => embedded::config(),
+            Self::Dir(d) if is_adapter_dir(d) => bail!(
+                "{}: a PEFT LoRA adapter folder (adapter_config.json, no config.json), not a model: pass its base as --model and this folder as --adapter, or fold it into a model with `wrpo-engine merge --model BASE --adapter {} --out DIR`",
+                d.display(),
+                d.display()
+            ),
             Self::Dir(d) => load_config(d)?,
         })
     }
@@ -134,6 +139,11 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
         wrpo_models::save_hf(&merged, &cfg, tmp)?;
         crate::train::state::copy_tokenizer_files(base, tmp)
     })
+}
+
+/// A PEFT adapter folder (what `train --lora-r` writes) rather than a model folder.
+fn is_adapter_dir(d: &Path) -> bool {
+    !d.join("config.json").is_file() && d.join(wrpo_models::lora::ADAPTER_CONFIG).is_file()
 }
 
 /// Check that `path` exists before long work starts.

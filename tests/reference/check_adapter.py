@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # sets the offline / verbosity environment
-from check_saved import compare, describe_model, load_model, read_expected  # noqa: E402
+from check_saved import compare, prepare  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -55,20 +55,10 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-4, help="max allowed relative error (default 1e-4)")
     args = ap.parse_args()
 
-    try:
-        exp = read_expected(args.expected_logits)
-    except Exception as e:  # noqa: BLE001  (not a safetensors file, ...)
-        print(f"error: cannot read {args.expected_logits}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    if exp is None:
-        return 2
-    ids, mask, want = exp
-
-    base, info = load_model(args.base_dir)
-    bad_load = describe_model(base, args.base_dir, info)
-    if want.shape[2] != base.config.vocab_size:
-        print(f"error: expected logits have vocab {want.shape[2]}, model has {base.config.vocab_size}", file=sys.stderr)
-        return 2
+    ready = prepare(args.expected_logits, args.base_dir)
+    if isinstance(ready, int):
+        return ready
+    base, bad_load, ids, mask, want = ready
 
     import peft
     from peft import PeftModel, get_peft_model_state_dict

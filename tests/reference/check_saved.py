@@ -105,6 +105,25 @@ def compare(model, ids, mask, want, tol: float, bad_load: bool) -> int:
     return 0 if ok else 1
 
 
+def prepare(expected_logits: str, model_dir: str):
+    """Read the expected logits and load the model: (model, bad_load, ids, mask, want), or the
+    exit code 2 after printing why the input is unusable."""
+    try:
+        exp = read_expected(expected_logits)
+    except Exception as e:  # noqa: BLE001  (not a safetensors file, ...)
+        print(f"error: cannot read {expected_logits}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if exp is None:
+        return 2
+    ids, mask, want = exp
+    model, info = load_model(model_dir)
+    bad_load = describe_model(model, model_dir, info)
+    if want.shape[2] != model.config.vocab_size:
+        print(f"error: expected logits have vocab {want.shape[2]}, model has {model.config.vocab_size}", file=sys.stderr)
+        return 2
+    return model, bad_load, ids, mask, want
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -112,16 +131,10 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-4, help="max allowed relative error (default 1e-4)")
     args = ap.parse_args()
 
-    exp = read_expected(args.expected_logits)
-    if exp is None:
-        return 2
-    ids, mask, want = exp
-
-    model, info = load_model(args.model_dir)
-    bad_load = describe_model(model, args.model_dir, info)
-    if want.shape[2] != model.config.vocab_size:
-        print(f"error: expected logits have vocab {want.shape[2]}, model has {model.config.vocab_size}", file=sys.stderr)
-        return 2
+    ready = prepare(args.expected_logits, args.model_dir)
+    if isinstance(ready, int):
+        return ready
+    model, bad_load, ids, mask, want = ready
     return compare(model, ids, mask, want, args.tol, bad_load)
 
 

@@ -24,7 +24,6 @@ See the "LoRA (PEFT) trajectories" section of tests/reference/README.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -497,12 +496,7 @@ def main():
                 print("  " + json.dumps(x) + clip)
         else:
             print(f"{name}: " + json.dumps(v))
-    total = 0
-    for f in sorted(OUT.rglob("*")):
-        if f.is_file():
-            total += f.stat().st_size
-            print(f"{f.stat().st_size:>9}  {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}  {f.relative_to(T.FIX)}")
-    print(f"total {total} bytes")
+    total = T.list_files(OUT)
     assert total < 1_000_000, total
 
 

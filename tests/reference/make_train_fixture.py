@@ -687,6 +687,18 @@ def write_expected(path: Path, res: dict):
     path.write_text(text, encoding="utf-8")
 
 
+def list_files(out: Path) -> int:
+    """Print every file under `out` (size, SHA-256 prefix, path under tests/fixtures); return the
+    total size."""
+    total = 0
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            total += f.stat().st_size
+            print(f"{f.stat().st_size:>9}  {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}  {f.relative_to(FIX)}")
+    print(f"total {total} bytes")
+    return total
+
+
 def main():
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -768,12 +780,7 @@ def main():
                                          "rewards/margins", "rewards/accuracies")} for x in st],
         }
     print(json.dumps(summary, indent=1))
-    total = 0
-    for f in sorted(OUT.rglob("*")):
-        if f.is_file():
-            total += f.stat().st_size
-            print(f"{f.stat().st_size:>9}  {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}  {f.relative_to(FIX)}")
-    print(f"total {total} bytes")
+    total = list_files(OUT)
     # six cases, each with a 462 KB final_model.safetensors
     assert total < 3_000_000, total
 

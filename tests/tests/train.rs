@@ -23,7 +23,17 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
-    let dir = fixtures().join("train").join(case);
+    job_in(
+        &fixtures().join("train").join(case),
+        rows,
+        output,
+        overrides,
+    )
+}
+
+/// The job of the fixture folder `dir` (its `config.yaml` under `overrides`) on the llama-tied
+/// model and the training rows `rows` of `tests/fixtures/train/`, writing to `output`.
+fn job_in(dir: &Path, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
     let cfg = resolve(
         TrainConfig {
             save_steps: 0,
@@ -649,26 +659,9 @@ const LORA_CASES: [(&str, &str); 2] = [
 /// (`--adapter`), so both trainers start from the same A and B.
 fn lora_job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
     let dir = fixtures().join("lora").join(case);
-    let cfg = resolve(
-        TrainConfig {
-            save_steps: 0,
-            ..Default::default()
-        },
-        Some(&dir.join("config.yaml")),
-        &overrides,
-    )
-    .unwrap();
-    TrainJob {
-        cfg,
-        paths: RunPaths {
-            model: Some(fixtures().join("llama-tied")),
-            data: Some(fixtures().join("train").join(rows)),
-            adapter: Some(dir.join("initial_adapter")),
-            output: output.to_path_buf(),
-            cache_dir: output.join("cache"),
-            ..Default::default()
-        },
-    }
+    let mut job = job_in(&dir, rows, output, overrides);
+    job.paths.adapter = Some(dir.join("initial_adapter"));
+    job
 }
 
 /// LoRA WRPO vs PEFT: every metric of every update (clipping active in some) and the final
