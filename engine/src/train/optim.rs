@@ -102,14 +102,6 @@ impl<B: Backend> Flat<B> {
         move |name| map.get(name).copied()
     }
 
-    /// The tensor called `name`.
-    pub fn get(&self, name: &str) -> Option<&Tensor<B, 1>> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .map(|i| &self.values[i])
-    }
-
     /// Named host tensors uploaded to `device`.
     pub fn from_host(device: &B::Device, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Self {
         let mut f = Flat {

@@ -94,85 +94,66 @@ impl<B: Backend> Params<B> {
         }
     }
 
-    /// Parameters in the trainable group.
-    pub fn trainable_count(&self) -> usize {
-        self.trainable
-            .shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>())
-            .sum()
-    }
-
-    /// Parameters in the frozen group.
-    pub fn frozen_count(&self) -> usize {
-        self.frozen
-            .shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>())
-            .sum()
-    }
-
-    fn tensor(&self, name: &str) -> Tensor<B, 1> {
-        self.trainable
-            .get(name)
-            .or_else(|| self.frozen.get(name))
-            .unwrap_or_else(|| panic!("parameter {name} is in neither group"))
-            .clone()
-    }
-
-    /// The model without adapters: the base (the reference under LoRA), or the policy itself in
-    /// a full fine-tune.
-    pub fn base_model(&self, cfg: &LlamaConfig) -> Llama<B> {
+    /// `name` → (its tensor, whether it is trainable); one map per group, built once per module.
+    fn lookup(&self) -> impl Fn(&str) -> (Tensor<B, 1>, bool) + '_ {
         let (t, f) = (self.trainable.index(), self.frozen.index());
-        Llama::build_from(cfg, &mut |name, _| match t(name) {
-            Some(i) => self.trainable.values[i].clone(),
-            None => self.frozen.values[f(name).expect("a base weight")].clone(),
-        })
+        move |name| match t(name) {
+            Some(i) => (self.trainable.values[i].clone(), true),
+            None => {
+                let i = f(name).unwrap_or_else(|| panic!("parameter {name} is in neither group"));
+                (self.frozen.values[i].clone(), false)
+            }
+        }
+    }
+
+    /// The policy on backend `C` from the stored tensors (`wrap` turns each into `C`'s, told
+    /// whether it is trainable), adapters attached with this micro-batch's dropout masks when
+    /// `dropout`.
+    fn build<C: Backend>(
+        &self,
+        cfg: &LlamaConfig,
+        dropout: bool,
+        wrap: impl Fn(Tensor<B, 1>, bool) -> Tensor<C, 1>,
+    ) -> Llama<C> {
+        let lookup = self.lookup();
+        let mut source = |name: &str, _: &[usize]| {
+            let (t, trainable) = lookup(name);
+            wrap(t, trainable)
+        };
+        let model = Llama::build_from(cfg, &mut source);
+        match &self.lora {
+            None => model,
+            Some(lora) => {
+                let seed = (dropout && lora.dropout > 0.0).then_some(self.dropout_seed);
+                model.attach_lora(cfg, lora, seed, &mut source)
+            }
+        }
     }
 
     /// The policy for inference (adapters attached, no dropout).
     pub fn model(&self, cfg: &LlamaConfig) -> Llama<B> {
-        let model = self.base_model(cfg);
-        match &self.lora {
-            None => model,
-            Some(lora) => model.attach_lora(cfg, lora, None, &mut |n, _| self.tensor(n)),
-        }
+        self.build(cfg, false, |t, _| t)
     }
 
     /// The policy on the inner backend with this micro-batch's dropout masks: the graph-free
     /// forward of layer checkpointing, whose layers are then recomputed under autodiff by
     /// [`Params::leaf_model`] with the same masks.
     pub fn train_model(&self, cfg: &LlamaConfig) -> Llama<B> {
-        let model = self.base_model(cfg);
-        match &self.lora {
-            None => model,
-            Some(lora) => {
-                let seed = (lora.dropout > 0.0).then_some(self.dropout_seed);
-                model.attach_lora(cfg, lora, seed, &mut |n, _| self.tensor(n))
-            }
-        }
+        self.build(cfg, true, |t, _| t)
     }
 
     /// The policy for one forward + backward: an autodiff module whose trainable tensors are
     /// leaves requiring a gradient and whose frozen ones are constants; LoRA dropout (when set)
     /// draws its masks from [`Params::dropout_seed`].
     pub fn leaf_model(&self, cfg: &LlamaConfig) -> Llama<Autodiff<B>> {
-        let trainable = self.trainable.index();
-        let mut source = |name: &str, _: &[usize]| {
-            let t = Tensor::<Autodiff<B>, 1>::from_inner(self.tensor(name));
-            match trainable(name) {
-                Some(_) => t.require_grad(),
-                None => t,
+        self.build(cfg, true, |t, trainable| {
+            let t = Tensor::from_inner(t);
+            if trainable {
+                t.require_grad()
+            } else {
+                t
             }
-        };
-        let model = Llama::build_from(cfg, &mut source);
-        match &self.lora {
-            None => model,
-            Some(lora) => {
-                let seed = (lora.dropout > 0.0).then_some(self.dropout_seed);
-                model.attach_lora(cfg, lora, seed, &mut source)
-            }
-        }
+        })
     }
 
     /// The gradient of every trainable tensor in `grads` (one backward through `model`, a

@@ -268,8 +268,6 @@ pub fn load_checkpoint<B: Backend>(
         ),
     };
     let mut tensors = read_safetensors(&dir.join(weights))?;
-    let like_params = like;
-    let like = &like.trainable;
     let mut opt = read_safetensors(&dir.join("optimizer.safetensors"))?;
     let take =
         |map: &mut HostTensors, key: String, shape: &[usize], file: &str| -> Result<Vec<f32>> {
@@ -284,14 +282,14 @@ pub fn load_checkpoint<B: Backend>(
             }
             Ok(v)
         };
-    let params = like.from_host_like(device, &mut |n, s| {
+    let trainable = &like.trainable;
+    let params = like.with_trainable(trainable.from_host_like(device, &mut |n, s| {
         take(&mut tensors, format!("{prefix}{n}"), s, weights)
-    })?;
-    let params = like_params.with_trainable(params);
-    let exp_avg = like.from_host_like(device, &mut |n, s| {
+    })?);
+    let exp_avg = trainable.from_host_like(device, &mut |n, s| {
         take(&mut opt, format!("exp_avg.{n}"), s, "optimizer.safetensors")
     })?;
-    let exp_avg_sq = like.from_host_like(device, &mut |n, s| {
+    let exp_avg_sq = trainable.from_host_like(device, &mut |n, s| {
         take(
             &mut opt,
             format!("exp_avg_sq.{n}"),
