@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod device;
 pub mod head;
+pub mod linear;
 pub mod logprobs;
 pub mod loss;
 #[cfg(test)]
@@ -26,15 +27,20 @@ mod test_util;
 /// `CrossEntropyLoss(ignore_index=-100)` and TRL's `label_pad_token_id`.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Every op the trainer runs through a backend extension: the training attention
-/// ([`attention::AttentionBackend`]), the token log-probs ([`logprobs::LogProbBackend`]), the LM
-/// head fused with them ([`head::HeadLogProbBackend`]) and the preference loss
-/// ([`loss::LossBackend`]), plus what the device says about its memory
-/// ([`device::MemoryProbe`]). Implemented for
-/// every backend that has both (fused CubeCL kernels on CUDA/WGPU, composites on burn-flex, and
-/// `Autodiff` of either).
+/// What the model's forward needs from a backend: the training attention
+/// ([`attention::AttentionBackend`]) and linear layers over frozen half-precision weights
+/// ([`linear::FrozenLinearBackend`]).
+pub trait ModelBackend: attention::AttentionBackend + linear::FrozenLinearBackend {}
+
+impl<B> ModelBackend for B where B: attention::AttentionBackend + linear::FrozenLinearBackend {}
+
+/// Every op the trainer runs through a backend extension: the model's ([`ModelBackend`]), the
+/// token log-probs ([`logprobs::LogProbBackend`]), the LM head fused with them
+/// ([`head::HeadLogProbBackend`]) and the preference loss ([`loss::LossBackend`]), plus what the
+/// device says about its memory ([`device::MemoryProbe`]). Implemented for every backend that has
+/// them all (fused CubeCL kernels on CUDA/WGPU, composites on burn-flex, and `Autodiff` of either).
 pub trait KernelBackend:
-    attention::AttentionBackend
+    ModelBackend
     + logprobs::LogProbBackend
     + head::HeadLogProbBackend
     + loss::LossBackend
@@ -43,7 +49,7 @@ pub trait KernelBackend:
 }
 
 impl<B> KernelBackend for B where
-    B: attention::AttentionBackend
+    B: ModelBackend
         + logprobs::LogProbBackend
         + head::HeadLogProbBackend
         + loss::LossBackend

@@ -27,7 +27,9 @@
 //!
 //! Dtypes: every block is in the hidden states' float dtype (f32 on our backends); the log-prob
 //! op accumulates in f32 (see [`crate::logprobs`]); `dW` is accumulated in that dtype across
-//! blocks.
+//! blocks and returned in the weight's. A weight stored in half precision (a frozen base under
+//! LoRA) is widened to the hidden states' dtype once per forward and once per backward; the
+//! autodiff node keeps the stored weight, so the widened copy lives for one call.
 //!
 //! # Tiers (each the oracle of the next)
 //! - [`head_logprobs_dense`]: the dense path — the whole logits tensor, then
@@ -79,7 +81,7 @@ pub fn default_chunk(vocab: usize) -> usize {
 /// The default methods are the chunked composite ([`reference::forward`],
 /// [`reference::backward`]), which every backend uses; `Autodiff` overrides the forward to
 /// register the custom backward.
-pub trait HeadLogProbBackend: LogProbBackend {
+pub trait HeadLogProbBackend: LogProbBackend + crate::linear::FrozenLinearBackend {
     /// Per-position log-probs at the labels and the log-sum-exp of each position's logits.
     ///
     /// # Shapes

@@ -4,6 +4,7 @@
 
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
+use crate::linear::{widen_like, FrozenLinearBackend};
 use crate::logprobs::LogProbBackend;
 
 /// `(start, len)` of each block of `chunk` positions covering `0..m` (the last one may be short).
@@ -30,7 +31,7 @@ fn block_logits<B: LogProbBackend>(
 ///
 /// # Shapes
 /// - `hidden`: `[M, H]` (`M ≥ 1`), `weight`: `[V, H]`, `labels`: `[M]`
-pub fn forward<B: LogProbBackend>(
+pub fn forward<B: LogProbBackend + FrozenLinearBackend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
@@ -38,7 +39,8 @@ pub fn forward<B: LogProbBackend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [m, _h] = hidden.dims();
     assert!(m > 0, "head_logprobs: at least one position");
-    let weight_t = weight.transpose(); // [H, V], a view
+    // A half-precision weight (a frozen base) widened once, for this call only.
+    let weight_t = widen_like(weight, &hidden).transpose(); // [H, V], a view
     let (mut logps, mut lses) = (Vec::new(), Vec::new());
     for (start, len) in blocks(m, chunk) {
         let z = block_logits(&hidden, &weight_t, start, len); // [1, c, V]
@@ -58,7 +60,7 @@ pub fn forward<B: LogProbBackend>(
 /// - `hidden`: `[M, H]`, `weight`: `[V, H]`, `labels`, `lse`, `grad`: `[M]`
 /// - returns (`dhidden [M, H]` if `want_hidden`, `dW [V, H]` if `want_weight`)
 #[allow(clippy::too_many_arguments)]
-pub fn backward<B: LogProbBackend>(
+pub fn backward<B: LogProbBackend + FrozenLinearBackend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
@@ -73,6 +75,8 @@ pub fn backward<B: LogProbBackend>(
     }
     let [m, _h] = hidden.dims();
     let [v, _] = weight.dims();
+    let stored = weight.dtype();
+    let weight = widen_like(weight, &hidden); // widened once, for this call only
     let weight_t = weight.clone().transpose();
     let mut dhidden = Vec::new();
     let mut dweight: Option<Tensor<B, 2>> = None;
@@ -103,5 +107,13 @@ pub fn backward<B: LogProbBackend>(
         }
     }
     let dhidden = want_hidden.then(|| Tensor::cat(dhidden, 0));
+    // The gradient in the weight's own dtype.
+    let dweight = dweight.map(|d| {
+        if d.dtype() == stored {
+            d
+        } else {
+            d.cast(stored)
+        }
+    });
     (dhidden, dweight)
 }

@@ -215,33 +215,53 @@ fn parity<B: HeadLogProbBackend>(backend: &str, device: &B::Device, c: Case, sal
     );
 }
 
-/// A frozen head (weight without gradient, as under LoRA or for a reference model): only
-/// `dhidden` is computed, and it is the same.
-fn frozen_weight<B: HeadLogProbBackend>(backend: &str, device: &B::Device, salt: u64) {
+/// A frozen head (weight without gradient, as under LoRA or for a reference model), stored in
+/// `dtype` (f32, or half precision as a frozen base keeps it): only `dhidden` is computed, and
+/// it and `logp` match the f64 oracle over the stored values.
+fn frozen_weight<B: HeadLogProbBackend>(
+    backend: &str,
+    device: &B::Device,
+    dtype: burn::tensor::DType,
+    salt: u64,
+) {
     let c = UGLY;
     let seed = base_seed() ^ salt;
-    println!("[{backend} frozen head] seed {seed}");
-    let inp = make_inputs(c, seed);
-    let want = expected(c, &inp);
+    let name = format!("{backend} frozen {dtype:?} head");
+    println!("[{name}] seed {seed}");
+    if !B::supports_dtype(device, dtype) {
+        println!("[{name}] SKIPPED: the device does not store {dtype:?}");
+        return;
+    }
+    let mut inp = make_inputs(c, seed);
     let (hidden, weight, labels, g) = tensors::<Autodiff<B>>(c, &inp, device);
+    let weight = weight.cast(dtype);
+    inp.weight = host(weight.clone()); // the stored values
+    let want = expected(c, &inp);
     let hidden = hidden.require_grad();
-    let grads = (head_logprobs(hidden.clone(), weight.clone(), labels, c.chunk) * g)
-        .sum()
-        .backward();
+    let logp = head_logprobs(hidden.clone(), weight.clone(), labels, c.chunk);
+    let grads = (logp.clone() * g).sum().backward();
     assert!(
         weight.grad(&grads).is_none(),
         "a frozen head gets no gradient"
     );
+    let tag = format!("[{name} seed {seed}]");
+    let e_logp = check(
+        &format!("{tag} logp vs f64"),
+        &host(logp),
+        &want.logp,
+        &[c.m],
+        FP32,
+    );
     let dh = host(hidden.grad(&grads).expect("dhidden"));
     let e = check_grad(
-        &format!("[{backend} frozen head seed {seed}] dhidden vs f64"),
+        &format!("{tag} dhidden vs f64"),
         &dh,
         &want.dhidden,
         &[c.m, c.h],
     );
     println!(
-        "[{backend} frozen head] max abs err dhidden {:.2e}",
-        e.max_abs
+        "[{name}] max abs err logp {:.2e}, dhidden {:.2e}",
+        e_logp.max_abs, e.max_abs
     );
 }
 
@@ -311,7 +331,11 @@ macro_rules! parity_tests {
         }
         #[test] $(#[$attr])?
         fn frozen_head_gets_no_gradient() {
-            frozen_weight::<$ty>($backend, &$device, 16);
+            frozen_weight::<$ty>($backend, &$device, burn::tensor::DType::F32, 16);
+        }
+        #[test] $(#[$attr])?
+        fn frozen_f16_head_is_widened() {
+            frozen_weight::<$ty>($backend, &$device, burn::tensor::DType::F16, 17);
         }
     };
 }
