@@ -291,6 +291,9 @@ pub struct StepRecord {
     /// LoRA rank (0: a full fine-tune).
     #[serde(default)]
     pub lora_r: usize,
+    /// With LoRA: the frozen base's storage dtype.
+    #[serde(default)]
+    pub lora_base_dtype: Option<String>,
     /// With LoRA: the full fine-tune's peak of the same shape, measured in a fresh process of the
     /// same run, MiB.
     #[serde(default)]
@@ -325,7 +328,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     head: wrpo_engine_core::logps::Head,
     attn: wrpo_kernels::attention::AttentionImpl,
     checkpoint: bool,
-    lora: Option<wrpo_models::LoraConfig>,
+    lora: Option<(wrpo_models::LoraConfig, wrpo_engine_core::model::BaseDtype)>,
     steps: usize,
     warmup: usize,
     seed: u64,
@@ -348,6 +351,15 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
     );
     let mut cfg = cfg;
     cfg.attn_implementation = attn;
+    // The frozen base's storage under LoRA (the random model stands for an f32 checkpoint).
+    let base = match &lora {
+        Some((_, d)) => d.resolve(|d| B::supports_dtype(device, d))?(burn::tensor::DType::F32),
+        None => burn::tensor::DType::F32,
+    };
+    let (lora, base_name) = match lora {
+        Some((l, _)) => (Some(l), Some(format!("{base:?}").to_lowercase())),
+        None => (None, None),
+    };
     wrpo_engine_core::memory::check_buffers(
         B::max_buffer_bytes(device),
         backend,
@@ -369,11 +381,11 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
             scored: Some((3 * shape.batch * (shape.seq - shape.seq / 4)) as u64),
             lora: lora
                 .as_ref()
-                .map(wrpo_engine_core::memory::plan::LoraShape::of),
+                .map(|l| wrpo_engine_core::memory::plan::LoraShape::of(l).with_base(base)),
         },
     )
     .peak;
-    let model = wrpo_models::Llama::<B>::random(&cfg, seed, 0.02, device);
+    let model = wrpo_models::Llama::<B>::random_as(&cfg, seed, 0.02, base, device);
     let mut params = match &lora {
         None => Params::full(&model),
         Some(l) => Params::lora(&model, l.clone(), l.init(&cfg, seed), device),
@@ -468,6 +480,7 @@ pub fn bench_step<B: wrpo_kernels::KernelBackend + MemoryProbe>(
         },
         gradient_checkpointing: checkpoint,
         lora_r: lora.map_or(0, |l| l.r),
+        lora_base_dtype: base_name,
         full_peak_mb: None,
     })
 }

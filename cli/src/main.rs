@@ -168,6 +168,10 @@ struct BenchStepArgs {
     /// LoRA target modules (see `train --lora-target-modules`).
     #[arg(long, default_value = "all-linear")]
     lora_target_modules: String,
+    /// With LoRA: the frozen base's storage (see `train --lora-base-dtype`); the random model is
+    /// an f32 checkpoint, so `bf16` / `f16` stand for a half-precision one.
+    #[arg(long, value_parser = settings::choice::<wrpo_engine_core::model::BaseDtype>(), default_value = "auto")]
+    lora_base_dtype: wrpo_engine_core::model::BaseDtype,
     /// Timed updates (median reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -677,7 +681,7 @@ fn bench_step(a: BenchStepArgs) -> Result<()> {
         imp: a.lm_head_impl,
         chunk: a.lm_head_chunk,
     };
-    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, lora.clone(), a.steps, a.warmup, a.seed))?;
+    let r = dispatch!(selected, B, device => bench_step::<B>(&device, &label, shape, head, a.attn_implementation.with_block(a.attention_block), a.gradient_checkpointing, lora.clone().map(|l| (l, a.lora_base_dtype)), a.steps, a.warmup, a.seed))?;
     let r = StepRecord {
         full_peak_mb: full.and_then(|f| f.peak_mb),
         ..r

@@ -9,7 +9,7 @@ use clap::Args;
 use wrpo_engine_core::backend::BackendChoice;
 use wrpo_engine_core::dispatch;
 use wrpo_engine_core::memory::plan::{
-    advice, human, largest_micro_batch, parse_memory, plan, MemoryPlan, Run, Workload,
+    advice, human, largest_micro_batch, parse_memory, plan, HalfStorage, MemoryPlan, Run, Workload,
 };
 use wrpo_engine_core::model::ModelSource;
 
@@ -93,17 +93,19 @@ pub fn plan_cmd(a: PlanCmd) -> Result<()> {
     };
     let host = a.backend == Some(BackendChoice::Cpu);
     // The device's memory and pool, where --backend names one.
-    let (device_memory, pool_page) = match a.backend {
+    // Without --backend: a device that stores bf16 and f16 (CUDA, the CPU).
+    let (device_memory, pool_page, half) = match a.backend {
         Some(choice) => {
             let selected = crate::device(choice)?;
             dispatch!(selected, B, device => {
                 (
                     <B as wrpo_kernels::device::MemoryProbe>::device_memory_bytes(&device),
                     wrpo_engine_core::train::driver::wgpu_pool_page::<B>(&device),
+                    HalfStorage::of::<B>(&device),
                 )
             })
         }
-        None => (None, None),
+        None => (None, None, HalfStorage::BOTH),
     };
     let memory = match &a.memory {
         Some(m) => Some(parse_memory(m).map_err(|e| anyhow::anyhow!("--memory {e}"))?),
@@ -116,6 +118,8 @@ pub fn plan_cmd(a: PlanCmd) -> Result<()> {
         tokens: cfg.max_length,
         host,
         pool_page,
+        checkpoint_dtype: model.checkpoint_dtype(),
+        half,
     };
     let w = Workload::of(&cfg, &run);
     let p = plan(&model, &w);

@@ -675,6 +675,21 @@ fn bad_input_ends_in_clear_errors_never_in_panics() {
             case("LoRA dropout of 1", &[], &["lora_dropout", "[0, 1)"]),
             train(&["--lora-r", "4", "--lora-dropout", "1"]),
         ),
+        case(
+            "a bf16 LoRA base on wgpu (no bf16 in WGSL)",
+            &[
+                "train",
+                "--backend",
+                "wgpu",
+                "--output",
+                &p("out-wgpu-bf16"),
+                "--lora-r",
+                "4",
+                "--lora-base-dtype",
+                "bf16",
+            ],
+            &["--lora-base-dtype bf16", "does not store", "auto"],
+        ),
         with(
             case(
                 "--adapter without adapter_config.json",

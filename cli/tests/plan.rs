@@ -91,39 +91,60 @@ fn plan_agrees_with_the_measured_cpu_peak() {
 /// LoRA where parameters dominate (the criterion, at a smaller shape for CI): `bench step
 /// --lora-r 16` runs the full fine-tune of the same shape in a fresh process of the same run; the
 /// LoRA peak must be at most 0.4× the full fine-tune's, and the plan (frozen base, adapters,
-/// their AdamW state, no reference copy) must agree with it.
+/// their AdamW state, no reference copy) must agree with it. The same with the frozen base stored
+/// in bf16 (`--lora-base-dtype bf16`, a bf16 checkpoint's storage): the resident set before the
+/// first update (the model) shrinks by 2 bytes per parameter, the peak drops, and the plan holds.
 #[test]
 fn lora_peak_is_a_fraction_of_the_full_fine_tune_and_planned() {
     let case = "--hidden 512 --layers 4 --heads 8 --kv-heads 8 --intermediate 1376 --vocab 32000 --batch 1 --seq 128 --lora-r 16";
-    let t0 = Instant::now();
-    let o = bin()
-        .args(["bench", "step", "--backend", "cpu", "--steps", "1"])
-        .args(["--warmup", "1", "--json"])
-        .args(case.split_whitespace())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "bench step {case}: {}", stderr(&o));
-    let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let (peak, full, planned) = (
-        rec["peak_mb"].as_f64().unwrap(),
-        rec["full_peak_mb"].as_f64().unwrap(),
-        rec["predicted_peak_mb"].as_f64().unwrap(),
-    );
-    let rel = (planned - peak) / peak;
-    eprintln!(
-        "{case}: LoRA peak {peak:.0} MiB, full fine-tune {full:.0} MiB ({:.2}×), planned {planned:.0} MiB ({:+.1} %) ({:.0} s)",
-        peak / full,
-        100.0 * rel,
-        t0.elapsed().as_secs_f64()
+    // P of that shape: 4 layers × (4·512² + 3·512·1376) + 2 · 32000 · 512 (untied head).
+    let params = 4.0 * (4.0 * 512.0 * 512.0 + 3.0 * 512.0 * 1376.0) + 2.0 * 32000.0 * 512.0;
+    let mut records = vec![];
+    for base in ["f32", "bf16"] {
+        let t0 = Instant::now();
+        let o = bin()
+            .args(["bench", "step", "--backend", "cpu", "--steps", "1"])
+            .args(["--warmup", "1", "--json", "--lora-base-dtype", base])
+            .args(case.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "bench step {case}: {}", stderr(&o));
+        let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let (peak, full, planned) = (
+            rec["peak_mb"].as_f64().unwrap(),
+            rec["full_peak_mb"].as_f64().unwrap(),
+            rec["predicted_peak_mb"].as_f64().unwrap(),
+        );
+        let rel = (planned - peak) / peak;
+        eprintln!(
+            "{case} --lora-base-dtype {base}: LoRA peak {peak:.0} MiB (model loaded: {:.0} MiB), full fine-tune {full:.0} MiB ({:.2}×), planned {planned:.0} MiB ({:+.1} %) ({:.0} s)",
+            rec["base_mb"].as_f64().unwrap(),
+            peak / full,
+            100.0 * rel,
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(
+            peak <= 0.4 * full,
+            "{base}: LoRA peak {peak:.0} MiB > 0.4 × {full:.0} MiB"
+        );
+        assert!(
+            rel.abs() <= PLAN_VS_MEASURED_PEAK,
+            "{base}: LoRA plan off by {:+.1} %",
+            100.0 * rel
+        );
+        records.push(rec);
+    }
+    let mib = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    let saved = mib(&records[0], "base_mb") - mib(&records[1], "base_mb");
+    let expected = 2.0 * params / (1024.0 * 1024.0);
+    eprintln!("bf16 base storage: the loaded model is {saved:.0} MiB smaller (2 bytes × P = {expected:.0} MiB)");
+    assert!(
+        (saved - expected).abs() <= PLAN_VS_MEASURED_PEAK * expected,
+        "bf16 storage saved {saved:.0} MiB of the model, expected about {expected:.0}"
     );
     assert!(
-        peak <= 0.4 * full,
-        "LoRA peak {peak:.0} MiB > 0.4 × {full:.0} MiB"
-    );
-    assert!(
-        rel.abs() <= PLAN_VS_MEASURED_PEAK,
-        "LoRA plan off by {:+.1} %",
-        100.0 * rel
+        mib(&records[1], "peak_mb") < mib(&records[0], "peak_mb"),
+        "bf16 base storage did not lower the peak"
     );
 }
 

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use wrpo_kernels::attention::AttentionImpl;
-use wrpo_models::{checkpoint::load_config, load_hf, Llama, LlamaConfig};
+use wrpo_models::{checkpoint::load_config, load_hf, load_hf_with, Llama, LlamaConfig};
 
 use crate::embedded;
 use crate::tokenizer::TextTokenizer;
@@ -33,6 +33,57 @@ impl AttnImpl {
             },
             AttnImpl::Dense => AttentionImpl::Dense,
         }
+    }
+}
+
+/// How a frozen base model (LoRA) stores its weights on the device (`lora_base_dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseDtype {
+    /// The checkpoint's own dtype (bf16/f16 stay 2 bytes per parameter) where the device stores
+    /// it, else f32.
+    #[default]
+    Auto,
+    /// f32 whatever the checkpoint holds.
+    F32,
+    /// bf16 (rounded to nearest even from an f32 checkpoint).
+    Bf16,
+    /// f16 (rounded to nearest even from an f32 checkpoint).
+    F16,
+}
+
+impl BaseDtype {
+    /// The storage dtype of a weight held as `stored` in its file, on a device for which
+    /// `supports(dtype)` says whether it stores `dtype`; an error when an explicit half dtype is
+    /// not stored there.
+    pub fn resolve(
+        self,
+        supports: impl Fn(DType) -> bool,
+    ) -> Result<impl Fn(DType) -> DType + Clone> {
+        let explicit = match self {
+            BaseDtype::Auto => None,
+            BaseDtype::F32 => Some(DType::F32),
+            BaseDtype::Bf16 => Some(DType::BF16),
+            BaseDtype::F16 => Some(DType::F16),
+        };
+        if let Some(d) = explicit {
+            if !supports(d) {
+                bail!(
+                    "--lora-base-dtype {}: this device does not store {d:?} (wgpu has no bf16, and f16 needs an adapter with SHADER_F16); use auto, f32{}",
+                    serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                    if supports(DType::F16) { " or f16" } else { "" }
+                );
+            }
+        }
+        let (half_f16, half_bf16) = (supports(DType::F16), supports(DType::BF16));
+        Ok(move |stored: DType| match explicit {
+            Some(d) => d,
+            None => match stored {
+                DType::F16 if half_f16 => DType::F16,
+                DType::BF16 if half_bf16 => DType::BF16,
+                _ => DType::F32,
+            },
+        })
     }
 }
 
@@ -94,11 +145,39 @@ impl ModelSource {
         Ok(Some(tok))
     }
 
-    /// Load the weights onto `device`.
+    /// Load the weights onto `device`, as f32.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<(Llama<B>, LlamaConfig)> {
         Ok(match self {
             Self::Embedded => embedded::model(device),
             Self::Dir(d) => load_hf(d, device)?,
+        })
+    }
+
+    /// Load the weights onto `device` to be frozen, each stored as `dtype` says
+    /// ([`BaseDtype::resolve`]; the embedded model's file dtype is f32).
+    pub fn load_frozen<B: Backend>(
+        &self,
+        dtype: BaseDtype,
+        device: &B::Device,
+    ) -> Result<(Llama<B>, LlamaConfig)> {
+        let store = dtype.resolve(|d| B::supports_dtype(device, d))?;
+        Ok(match self {
+            Self::Embedded => {
+                let (model, cfg) = embedded::model::<B>(device);
+                let target = store(DType::F32);
+                if target == DType::F32 {
+                    (model, cfg)
+                } else {
+                    let flat = crate::train::optim::Flat::of_model(&model);
+                    let index = flat.index();
+                    let model = Llama::build_from(&cfg, &mut |name, _| {
+                        let i = index(name).expect("the model's own parameter");
+                        flat.values[i].clone().cast(target)
+                    });
+                    (model, cfg)
+                }
+            }
+            Self::Dir(d) => load_hf_with(d, device, &store)?,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! Hugging Face checkpoint folders: `config.json` + `model.safetensors` or a sharded
-//! `model.safetensors.index.json`. Weights in f32/f16/bf16/f64 are cast to f32 (the compute dtype).
+//! `model.safetensors.index.json`. Weights in f32/f16/bf16/f64 are cast to f32 (the compute dtype;
+//! [`load_hf`]) or kept in the file's half-precision dtype ([`load_hf_with`], a frozen LoRA base).
 //! Saving writes `config.json` + one `model.safetensors` (f32) with the same names and layouts,
 //! each file through a temporary file and a rename so a crash never leaves a half-written file.
 
@@ -142,7 +143,7 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// Load a Hugging Face LLaMA folder onto `device`.
+/// Load a Hugging Face LLaMA folder onto `device`, every weight as f32.
 pub fn load_hf<B: Backend>(
     dir: &Path,
     device: &B::Device,
@@ -153,6 +154,32 @@ pub fn load_hf<B: Backend>(
         &param_specs(&cfg),
         &|name| ignorable(name, &cfg),
         |get| Llama::build(&cfg, device, &mut |name, _shape| get(name)),
+    )?;
+    Ok((model, cfg))
+}
+
+/// Load a Hugging Face LLaMA folder onto `device`, each weight stored in `store(its dtype in the
+/// file)` (f64 files count as f32): a frozen base kept in its checkpoint's bf16/f16 takes 2 bytes
+/// per parameter. The model widens half-precision weights at the point of use
+/// ([`wrpo_kernels::linear`]), so its outputs are those of [`load_hf`] on the same file.
+pub fn load_hf_with<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    store: &dyn Fn(burn::tensor::DType) -> burn::tensor::DType,
+) -> Result<(Llama<B>, LlamaConfig), ModelError> {
+    let cfg = load_config(dir)?;
+    let model = load_checked_data(
+        dir,
+        &weight_files(dir)?,
+        &param_specs(&cfg),
+        &|name| ignorable(name, &cfg),
+        |get| {
+            Llama::build_from(&cfg, &mut |name, _shape| {
+                let data = get(name);
+                let dtype = store(data.dtype);
+                burn::tensor::Tensor::from_data(data, (device, dtype))
+            })
+        },
     )?;
     Ok((model, cfg))
 }
@@ -234,6 +261,44 @@ pub fn load_checked_in<R>(
     Ok(build(&mut |name| {
         let view = tables[where_[name]].tensor(name).expect("validated");
         to_f32(view.dtype(), view.data()).expect("validated dtype")
+    }))
+}
+
+/// [`load_checked_in`] with a getter of each tensor as flat (`[n]`) data in its file's dtype
+/// (f32, f16 or bf16; f64 as f32).
+pub fn load_checked_data<R>(
+    dir: &Path,
+    files: &[PathBuf],
+    specs: &[(String, Vec<usize>)],
+    ignore: &dyn Fn(&str) -> bool,
+    build: impl FnOnce(&mut dyn FnMut(&str) -> burn::tensor::TensorData) -> R,
+) -> Result<R, ModelError> {
+    use burn::tensor::{DType, TensorData};
+    // Validation (names, shapes, dtypes) is `load_checked_in`'s; the getter reads the file again.
+    load_checked_in(dir, files, specs, ignore, |_| ())?;
+    let maps = files
+        .iter()
+        .map(|f| map(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tables = maps
+        .iter()
+        .map(|m| SafeTensors::deserialize(m).expect("validated"))
+        .collect::<Vec<_>>();
+    let find = |name: &str| {
+        tables
+            .iter()
+            .find_map(|t| t.tensor(name).ok())
+            .expect("validated name")
+    };
+    Ok(build(&mut |name| {
+        let view = find(name);
+        let n = view.shape().iter().product::<usize>();
+        let half = |dtype| TensorData::from_bytes_vec(view.data().to_vec(), [n], dtype);
+        match view.dtype() {
+            Dtype::F16 => half(DType::F16),
+            Dtype::BF16 => half(DType::BF16),
+            d => TensorData::new(to_f32(d, view.data()).expect("validated dtype"), [n]),
+        }
     }))
 }
 

@@ -108,6 +108,18 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The dtype `config.json` says the checkpoint is saved in (`torch_dtype`, or transformers
+    /// 5's `dtype`): bf16, f16, else f32 (f32 when absent).
+    pub fn checkpoint_dtype(&self) -> burn::tensor::DType {
+        use burn::tensor::DType;
+        let field = |k: &str| self.raw.get(k).and_then(|v| v.as_str());
+        match field("torch_dtype").or_else(|| field("dtype")) {
+            Some("bfloat16") => DType::BF16,
+            Some("float16") | Some("half") => DType::F16,
+            _ => DType::F32,
+        }
+    }
+
     /// Parse and validate a `config.json` text. Errors are plain messages; the caller adds the path.
     pub fn from_json(text: &str) -> Result<Self, String> {
         let raw: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;

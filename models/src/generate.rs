@@ -14,7 +14,6 @@
 //! `tests/tests/generate.rs`).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
@@ -84,7 +83,7 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: wrpo_kernels::linear::FrozenLinearBackend> Llama<B> {
     /// Final hidden states of `input_ids`, which continue the cached tokens; the cache grows by
     /// `S` columns.
     ///
@@ -136,7 +135,7 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = rope::tables_at::<B>(cfg, &positions, &device);
         let hd = cfg.head_dim;
         let (cos, sin) = (cos.reshape([b, 1, s, hd]), sin.reshape([b, 1, s, hd]));
-        let mut x = embedding(self.model.embed_tokens.val(), input_ids);
+        let mut x = self.model.embed(input_ids);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
             let attn = &layer.self_attn;
             let (q, k, v) = attn.project(layer.input_layernorm.forward(x.clone()), &cos, &sin);

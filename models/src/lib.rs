@@ -19,7 +19,7 @@ pub mod lora;
 pub mod reward;
 pub mod rope;
 
-pub use checkpoint::{load_hf, save_hf, ModelError};
+pub use checkpoint::{load_hf, load_hf_with, save_hf, ModelError};
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind};
 pub use generate::KvCache;
 pub use llama::{LayerInputs, Llama, ParamRef};

@@ -11,7 +11,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
-use wrpo_kernels::attention::{repeat_kv, AttentionBackend, AttentionImpl};
+use wrpo_kernels::attention::{repeat_kv, AttentionImpl};
+use wrpo_kernels::linear::{frozen_linear, FrozenLinearBackend};
+use wrpo_kernels::ModelBackend;
 
 use crate::config::LlamaConfig;
 use crate::lora::{LoraConfig, Target};
@@ -32,12 +34,24 @@ impl<B: Backend> HfLinear<B> {
     pub fn new(weight: Param<Tensor<B, 2>>) -> Self {
         HfLinear { weight, lora: None }
     }
+}
 
-    /// `y = x Wᵀ (+ s · (dropout(x) Aᵀ) Bᵀ)`. Shapes: `[..., in]` → `[..., out]`.
+impl<B: FrozenLinearBackend> HfLinear<B> {
+    /// `y = x Wᵀ (+ s · (dropout(x) Aᵀ) Bᵀ)`. A weight stored in another dtype than `x` (a frozen
+    /// half-precision base) is widened at the point of use ([`wrpo_kernels::linear`]). Shapes:
+    /// `[..., in]` → `[..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let base = |x: Tensor<B, D>| {
+            let w = self.weight.val();
+            if w.dtype() == x.dtype() {
+                linear_t(x, w)
+            } else {
+                frozen_linear_t(x, w)
+            }
+        };
         match &self.lora {
-            None => linear_t(x, self.weight.val()),
-            Some(lora) => linear_t(x.clone(), self.weight.val()) + lora.forward(x),
+            None => base(x),
+            Some(lora) => base(x.clone()) + lora.forward(x),
         }
     }
 }
@@ -96,6 +110,39 @@ pub fn linear_t<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2
         .reshape(shape)
 }
 
+/// [`linear_t`] over a weight stored in another dtype than `x`: [`frozen_linear`] on the
+/// flattened rows. Shapes as [`linear_t`].
+fn frozen_linear_t<B: FrozenLinearBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [out, inn] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let mut shape = dims;
+    shape[D - 1] = out;
+    frozen_linear(x.reshape([rows, inn]), weight).reshape(shape)
+}
+
+/// `w` in `x`'s dtype: a weight stored in half precision (a frozen base) widened at the point of
+/// use; no op otherwise.
+fn widen<B: Backend, const D: usize, const E: usize>(
+    w: Tensor<B, D>,
+    x: &Tensor<B, E>,
+) -> Tensor<B, D> {
+    if w.dtype() == x.dtype() {
+        w
+    } else {
+        w.cast(x.dtype())
+    }
+}
+
+/// The dtype the model computes in: the backend's float element (f32 on every backend today).
+pub fn compute_dtype<B: Backend>() -> burn::tensor::DType {
+    use burn::tensor::Element;
+    <B::FloatElem as Element>::dtype()
+}
+
 /// RMSNorm: `w · x / sqrt(mean(x²) + ε)` (transformers `LlamaRMSNorm`, f32 throughout).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -111,7 +158,8 @@ impl<B: Backend> RmsNorm<B> {
         let var = x.clone().powi_scalar(2).mean_dim(2);
         // A division, not `recip()`: a backend's reciprocal may be an approximation.
         let x = x / (var + self.eps).sqrt();
-        x * self.weight.val().unsqueeze::<3>()
+        let w = widen(self.weight.val(), &x);
+        x * w.unsqueeze::<3>()
     }
 }
 
@@ -134,7 +182,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: FrozenLinearBackend> Attention<B> {
     /// Queries, keys and values with RoPE applied to queries and keys.
     ///
     /// # Shapes
@@ -180,7 +228,7 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-impl<B: AttentionBackend> Attention<B> {
+impl<B: ModelBackend> Attention<B> {
     /// Causal self-attention masked by segment ids ([`wrpo_kernels::attention`]: key `j` is
     /// visible to query `i` when `j ≤ i` and `k_seg[j] == q_seg[i]`), then the output projection.
     /// `imp` picks the tiled op (memory linear in `T`) or the dense reference.
@@ -213,7 +261,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: HfLinear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: FrozenLinearBackend> Mlp<B> {
     /// Shapes: `[B, T, H]` → `[B, T, H]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.down_proj
@@ -513,7 +561,7 @@ impl<B: Backend> LayerInputs<B> {
     }
 }
 
-impl<B: AttentionBackend> DecoderLayer<B> {
+impl<B: ModelBackend> DecoderLayer<B> {
     /// One pre-norm layer: `x + attn(norm(x))`, then `+ mlp(norm(·))`.
     ///
     /// # Shapes
@@ -536,12 +584,19 @@ impl<B: AttentionBackend> DecoderLayer<B> {
 
 impl<B: Backend> LlamaModel<B> {
     /// The token embeddings. Shapes: `[B, T]` → `[B, T, H]`.
+    /// A table stored in half precision (a frozen base) is gathered, then the rows widened.
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.embed_tokens.val(), input_ids)
+        let x = embedding(self.embed_tokens.val(), input_ids);
+        let dtype = compute_dtype::<B>();
+        if x.dtype() == dtype {
+            x
+        } else {
+            x.cast(dtype)
+        }
     }
 }
 
-impl<B: AttentionBackend> LlamaModel<B> {
+impl<B: ModelBackend> LlamaModel<B> {
     /// Final hidden states (after the last norm) of right-padded rows
     /// ([`LayerInputs::padded`]).
     ///
@@ -715,7 +770,8 @@ impl<B: Backend> Llama<B> {
                 let lin = self.linear_mut(l, t);
                 if let Some(lora) = lin.lora.take() {
                     let delta = lora.b.val().matmul(lora.a.val()) * lora.scale;
-                    lin.weight = Param::initialized(ParamId::new(), lin.weight.val() + delta);
+                    let w = widen(lin.weight.val(), &delta);
+                    lin.weight = Param::initialized(ParamId::new(), w + delta);
                 }
             }
         }
@@ -743,17 +799,19 @@ impl<B: Backend> Llama<B> {
             None => self.model.embed_tokens.val(),
         }
     }
+}
 
+impl<B: FrozenLinearBackend> Llama<B> {
     /// The LM head: `[.., H]` → `[.., V]` (tied to the embeddings when `lm_head` is `None`).
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => linear_t(hidden, self.model.embed_tokens.val()),
+            None => HfLinear::new(self.model.embed_tokens.clone()).forward(hidden),
         }
     }
 }
 
-impl<B: AttentionBackend> Llama<B> {
+impl<B: ModelBackend> Llama<B> {
     /// Final hidden states (after the last norm): [`LlamaModel::forward`].
     ///
     /// # Shapes
@@ -804,21 +862,36 @@ impl<B: Backend> Llama<B> {
     /// weights ~ N(0, `std`), RMSNorm weights = 1. The same seed gives the same model on every
     /// backend (values are drawn on the host).
     pub fn random(cfg: &LlamaConfig, seed: u64, std: f32, device: &B::Device) -> Self {
+        Self::random_as(cfg, seed, std, burn::tensor::DType::F32, device)
+    }
+
+    /// [`Llama::random`] with every weight stored as `dtype` (rounded from the f32 draw one
+    /// tensor at a time, so no f32 copy of the model exists): a stand-in for a half-precision
+    /// checkpoint.
+    pub fn random_as(
+        cfg: &LlamaConfig,
+        seed: u64,
+        std: f32,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Self {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(seed);
-        Self::build(cfg, device, &mut |name, shape| {
+        Self::build_from(cfg, &mut |name, shape| {
             let n: usize = shape.iter().product();
-            if name.ends_with("norm.weight") {
-                return vec![1.0; n];
-            }
-            // Box–Muller on (0, 1] uniforms.
-            (0..n)
-                .map(|_| {
-                    let u1: f32 = 1.0 - rng.random::<f32>();
-                    let u2: f32 = rng.random::<f32>();
-                    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-                })
-                .collect()
+            let values = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                // Box–Muller on (0, 1] uniforms.
+                (0..n)
+                    .map(|_| {
+                        let u1: f32 = 1.0 - rng.random::<f32>();
+                        let u2: f32 = rng.random::<f32>();
+                        std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                    })
+                    .collect()
+            };
+            Tensor::from_data(TensorData::new(values, [n]), (device, dtype))
         })
     }
 }

@@ -85,7 +85,7 @@ pub fn pooled_index(ids: &[u32], pad: Option<u32>) -> usize {
     }
 }
 
-impl<B: wrpo_kernels::attention::AttentionBackend> LlamaReward<B> {
+impl<B: wrpo_kernels::ModelBackend> LlamaReward<B> {
     /// Scores of a batch of sequences (`cfg.num_labels` per sequence), one right-padded forward.
     ///
     /// # Shapes

@@ -6,7 +6,7 @@
 //!   the cache's row edits (one prompt expanded into several samples, finished rows dropped);
 //! - reward-model scores of a tiny `LlamaForSequenceClassification`.
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use serde_json::Value;
 use wrpo_engine_core::backend::{CpuBackend, CudaBackend, WgpuBackend};
 use wrpo_engine_core::data::parse_prompt;
@@ -38,7 +38,7 @@ const GREEDY: SamplerConfig = SamplerConfig {
     top_k: 0,
 };
 
-fn greedy_parity<B: Backend>(device: &B::Device, label: &str) {
+fn greedy_parity<B: wrpo_kernels::linear::FrozenLinearBackend>(device: &B::Device, label: &str) {
     for name in MODELS {
         let dir = fixtures().join(name);
         let fx = read(&fixtures().join("generate").join(format!("{name}.json")));

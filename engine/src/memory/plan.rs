@@ -51,6 +51,7 @@
 //! comparison. Not modelled: the collective's host buffers under data parallelism, and
 //! the allocator's fragmentation on GPUs (the CUDA pool reserves in large pages).
 
+use burn::tensor::DType;
 use serde::Serialize;
 use wrpo_kernels::attention::AttentionImpl;
 use wrpo_models::{LlamaConfig, LoraConfig, Target};
@@ -109,17 +110,29 @@ pub struct LoraShape {
     pub r: usize,
     /// The adapted modules, a bit per [`Target::ALL`] entry.
     targets: u8,
+    /// The frozen base's storage dtype (`lora_base_dtype` resolved): f32, or bf16/f16 widened to
+    /// f32 at the point of use.
+    pub base: DType,
 }
 
 impl LoraShape {
-    /// The shape of `lora`.
+    /// The shape of `lora`, over a base stored in f32.
     pub fn of(lora: &LoraConfig) -> Self {
         let targets = Target::ALL
             .iter()
             .enumerate()
             .filter(|(_, t)| lora.targets.contains(t))
             .fold(0u8, |m, (i, _)| m | 1 << i);
-        LoraShape { r: lora.r, targets }
+        LoraShape {
+            r: lora.r,
+            targets,
+            base: DType::F32,
+        }
+    }
+
+    /// The same over a base stored in `base`.
+    pub fn with_base(self, base: DType) -> Self {
+        LoraShape { base, ..self }
     }
 
     fn targets(self) -> impl Iterator<Item = Target> {
@@ -182,7 +195,49 @@ impl Workload {
             host: run.host,
             pool_page: run.pool_page,
             scored: None,
-            lora: cfg.lora().as_ref().map(LoraShape::of),
+            lora: cfg.lora().as_ref().map(|l| {
+                // An explicit dtype the device does not store fails at load; plan it as f32.
+                let base = cfg
+                    .lora_base_dtype
+                    .resolve(|d| run.half.stores(d))
+                    .map_or(DType::F32, |store| store(run.checkpoint_dtype));
+                LoraShape::of(l).with_base(base)
+            }),
+        }
+    }
+}
+
+/// Which half-precision dtypes a device stores (where a frozen base may stay in its checkpoint's
+/// bf16/f16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HalfStorage {
+    /// bf16 (the CPU and CUDA; not wgpu).
+    pub bf16: bool,
+    /// f16 (the CPU, CUDA, wgpu adapters with SHADER_F16).
+    pub f16: bool,
+}
+
+impl HalfStorage {
+    /// Both (the CPU and CUDA: what `plan` assumes without `--backend`).
+    pub const BOTH: HalfStorage = HalfStorage {
+        bf16: true,
+        f16: true,
+    };
+
+    /// What `device` stores.
+    pub fn of<B: burn::tensor::backend::Backend>(device: &B::Device) -> Self {
+        HalfStorage {
+            bf16: B::supports_dtype(device, DType::BF16),
+            f16: B::supports_dtype(device, DType::F16),
+        }
+    }
+
+    /// Whether `dtype` is stored (f32 always).
+    pub fn stores(self, dtype: DType) -> bool {
+        match dtype {
+            DType::BF16 => self.bf16,
+            DType::F16 => self.f16,
+            _ => true,
         }
     }
 }
@@ -202,6 +257,10 @@ pub struct Run {
     pub host: bool,
     /// The wgpu memory pool's largest page (see [`Workload::pool_page`]).
     pub pool_page: Option<u64>,
+    /// The dtype the checkpoint is saved in ([`LlamaConfig::checkpoint_dtype`]).
+    pub checkpoint_dtype: DType,
+    /// The half-precision dtypes the device stores.
+    pub half: HalfStorage,
 }
 
 /// A moment of one update at which memory peaks.
@@ -273,6 +332,25 @@ fn largest_tensor(cfg: &LlamaConfig) -> u64 {
         .unwrap_or(0)
 }
 
+/// The largest weight of a decoder layer's linear layers, in elements.
+fn largest_layer_weight(cfg: &LlamaConfig) -> u64 {
+    wrpo_models::llama::body_param_specs(cfg)
+        .iter()
+        .filter(|(n, s)| n.starts_with("model.layers.") && s.len() == 2)
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A dtype as the plan prints it.
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
 /// A product that saturates instead of overflowing (absurd settings give an absurd plan, not a
 /// panic).
 fn mul(xs: &[u64]) -> u64 {
@@ -317,12 +395,33 @@ pub fn plan(cfg: &LlamaConfig, w: &Workload) -> MemoryPlan {
         }
         Some(lora) => {
             let a = lora.parameters(cfg);
+            let base = lora.base.size() as u64;
             part(
                 "weights",
-                format!("{} frozen base parameters, f32", count(p)),
-                F32 * p,
+                format!(
+                    "{} frozen base parameters, {}",
+                    count(p),
+                    dtype_name(lora.base)
+                ),
+                base * p,
                 &[],
             );
+            if base < F32 {
+                // Widened at the point of use: the head's weight in its forward and backward,
+                // one layer weight at a time in the layers'.
+                part(
+                    "workspace",
+                    format!("the head weight [V {v}, H {h}] widened to f32"),
+                    F32 * v * h,
+                    &[HD],
+                );
+                part(
+                    "workspace",
+                    "one decoder-layer weight widened to f32".into(),
+                    F32 * largest_layer_weight(cfg),
+                    &[LY],
+                );
+            }
             part(
                 "weights",
                 format!("{} trainable LoRA parameters (r {}), f32", count(a), lora.r),
@@ -762,7 +861,8 @@ pub fn check_fits(
     let fixes = advice(memory);
     let fixes = if fixes.is_empty() {
         format!(
-            "no setting of this trainer fits it, LoRA included (its frozen f32 weights alone need {}; half-precision storage and a sharded optimizer are not available yet); use a device with more memory or a smaller model",
+            "no setting of this trainer fits it, LoRA included (its frozen base alone needs {} in bf16/f16, {} in f32; a sharded optimizer is not available yet); use a device with more memory or a smaller model",
+            human(2 * plan.parameters),
             human(4 * plan.parameters)
         )
     } else {
@@ -852,6 +952,59 @@ mod tests {
         assert_eq!(p.trainable, a);
         assert!(part(&p, "logits / head") < part(&full, "logits / head"));
         assert!(p.peak < full.peak, "{} vs {}", p.peak, full.peak);
+
+        // A bf16 base: 2 bytes per frozen parameter, plus the widened f32 copies in use (the
+        // head's [V, H] at the head's backward, the largest layer weight, down's [H, I], in
+        // the layers').
+        let half = plan(
+            &cfg,
+            &Workload {
+                lora: Some(shape.with_base(DType::BF16)),
+                ..w
+            },
+        );
+        assert_eq!(part(&half, "weights"), 2 * half.parameters + 4 * a);
+        let widened: Vec<u64> = half
+            .parts
+            .iter()
+            .filter(|x| x.detail.contains("widened"))
+            .map(|x| x.bytes)
+            .collect();
+        assert_eq!(widened, vec![4 * 1000 * 64, 4 * 96 * 64]);
+        assert!(half.peak < p.peak);
+    }
+
+    /// `lora_base_dtype auto` keeps a half-precision checkpoint's dtype where the device stores
+    /// it, f32 elsewhere; an explicit dtype the device lacks is an error naming the flag.
+    #[test]
+    fn base_dtype_follows_the_checkpoint_and_the_device() {
+        use crate::model::BaseDtype;
+        let wgpu = HalfStorage {
+            bf16: false,
+            f16: true,
+        };
+        let auto = BaseDtype::Auto
+            .resolve(|d| HalfStorage::BOTH.stores(d))
+            .unwrap();
+        assert_eq!(auto(DType::BF16), DType::BF16);
+        assert_eq!(auto(DType::F16), DType::F16);
+        assert_eq!(auto(DType::F32), DType::F32);
+        let auto = BaseDtype::Auto.resolve(|d| wgpu.stores(d)).unwrap();
+        assert_eq!(auto(DType::BF16), DType::F32);
+        assert_eq!(auto(DType::F16), DType::F16);
+        let forced = BaseDtype::F16.resolve(|d| wgpu.stores(d)).unwrap();
+        assert_eq!(forced(DType::F32), DType::F16);
+        let f32 = BaseDtype::F32.resolve(|d| wgpu.stores(d)).unwrap();
+        assert_eq!(f32(DType::BF16), DType::F32);
+        let err = BaseDtype::Bf16
+            .resolve(|d| wgpu.stores(d))
+            .err()
+            .expect("bf16 on a device without it")
+            .to_string();
+        assert!(
+            err.contains("--lora-base-dtype bf16") && err.contains("f16"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -962,6 +1115,8 @@ mod tests {
             tokens: 1024,
             host: false,
             pool_page: None,
+            checkpoint_dtype: DType::F32,
+            half: HalfStorage::BOTH,
         };
         let full = plan(&model, &Workload::of(&cfg, &run)).peak;
         let memory = full * 3 / 4;

@@ -162,7 +162,7 @@ fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Vec<f32> {
 ///
 /// # Shapes
 /// - prefill `[P, Tmax]` (left-padded), then steps of `[R, 1]`, `R ≤ P·n` unfinished rows
-pub fn generate<B: Backend>(
+pub fn generate<B: wrpo_kernels::linear::FrozenLinearBackend>(
     model: &Llama<B>,
     cfg: &LlamaConfig,
     prompts: &[Vec<u32>],
@@ -303,7 +303,7 @@ pub struct SampleOutput {
 }
 
 /// Run `sample`: read prompts, load the model, generate, decode.
-pub fn run_sample<B: Backend>(
+pub fn run_sample<B: wrpo_kernels::linear::FrozenLinearBackend>(
     job: &SampleJob,
     device: &B::Device,
     progress: &mut dyn FnMut(SampleProgress),

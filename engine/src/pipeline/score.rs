@@ -104,7 +104,7 @@ pub fn encode_pair(
 
 /// Scores of `seqs` (input order), longest first in batches of `batch_size` sequences.
 /// `progress(done, total)` after each batch.
-pub fn score_sequences<B: wrpo_kernels::attention::AttentionBackend>(
+pub fn score_sequences<B: wrpo_kernels::ModelBackend>(
     model: &LlamaReward<B>,
     cfg: &RewardConfig,
     seqs: &[Vec<u32>],
@@ -165,7 +165,7 @@ impl ScoreOutput {
 }
 
 /// Run `score`.
-pub fn run_score<B: wrpo_kernels::attention::AttentionBackend>(
+pub fn run_score<B: wrpo_kernels::ModelBackend>(
     job: &ScoreJob,
     device: &B::Device,
     progress: &mut dyn FnMut(usize, usize),

@@ -139,6 +139,12 @@ choice!(crate::logps::HeadImpl {
     "fused": "Only scored positions go through the LM head, fused with the log-probs a block at a time; no [N, T, V] logits",
     "dense": "The full [N, T, V] logits, then the log-prob op: the tested reference",
 });
+choice!(crate::model::BaseDtype {
+    "auto": "The checkpoint's dtype where the device stores it (bf16/f16: 2 bytes per parameter), else f32",
+    "f32": "f32 whatever the checkpoint holds",
+    "bf16": "bf16 (an f32 checkpoint rounded); not on wgpu",
+    "f16": "f16 (an f32 checkpoint rounded); wgpu needs SHADER_F16",
+});
 choice!(crate::model::AttnImpl {
     "tiled": "A block of queries at a time, memory linear in T",
     "dense": "The full [B, NH, T, T] scores: the tested reference",
@@ -313,6 +319,11 @@ train_config! {
     lora_target_modules: LoraTargets = LoraTargets(vec![wrpo_models::Target::Q, wrpo_models::Target::V]);
     /// rsLoRA: scale adapters by α / √r instead of α / r.
     use_rslora: bool = false;
+    /// How the frozen base stores its weights under LoRA: `auto` (the checkpoint's dtype where
+    /// the device stores it: a bf16/f16 checkpoint takes 2 bytes per parameter; widened to f32 at
+    /// the point of use, so the numbers are those of f32 storage), `f32`, or `bf16` / `f16`
+    /// (rounded, to halve an f32 checkpoint's footprint).
+    lora_base_dtype: crate::model::BaseDtype = crate::model::BaseDtype::Auto;
 }
 
 /// `lora_target_modules`: written as a list of PEFT module names, read from a list or from

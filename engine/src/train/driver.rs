@@ -228,6 +228,13 @@ impl<'a> Setup<'a> {
     ) -> Result<()> {
         use crate::memory::plan;
         let cfg = &self.job.cfg;
+        if cfg.lora().is_some() {
+            // An explicit base dtype the device does not store: refuse before anything is read.
+            let _store = cfg
+                .lora_base_dtype
+                .resolve(|d| B::supports_dtype(device, d))
+                .with_context(|| format!("the device ({})", B::name(device)))?;
+        }
         let rows = cfg.per_device_train_batch_size.min(units.max(1));
         let buffers = crate::memory::step_buffers(
             &self.model_cfg,
@@ -245,6 +252,8 @@ impl<'a> Setup<'a> {
             tokens: t,
             host: B::reserved_bytes(device).is_none(),
             pool_page: wgpu_pool_page::<B>(device),
+            checkpoint_dtype: self.model_cfg.checkpoint_dtype(),
+            half: plan::HalfStorage::of::<B>(device),
         };
         let mut w = plan::Workload::of(cfg, &run);
         w.sequences = rows * sequences_per_row;

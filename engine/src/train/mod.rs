@@ -220,7 +220,11 @@ pub fn run_train_peer<B: KernelBackend>(
         plan.total,
         plan.global_batch
     )));
-    let (initial, _) = setup.source.load::<B>(device)?;
+    // Under LoRA the base is frozen and kept in `lora_base_dtype` (its checkpoint's by default).
+    let (initial, _) = match cfg.lora() {
+        Some(_) => setup.source.load_frozen::<B>(cfg.lora_base_dtype, device)?,
+        None => setup.source.load::<B>(device)?,
+    };
     let params = Params::initial(
         cfg,
         paths.adapter.as_deref(),
@@ -228,6 +232,9 @@ pub fn run_train_peer<B: KernelBackend>(
         &setup.model_cfg,
         device,
     )?;
+    if let Some(frozen) = params.frozen_storage() {
+        on(Event::Note(format!("frozen base on the device: {frozen}")));
+    }
     let (source, pad) = (&setup.source, setup.pad);
     let (ref_train, ref_eval) = build_reference::<B>(
         job, peer, source, initial, &rows, &all_lines, &eval, pad, device, on,

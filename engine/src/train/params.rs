@@ -6,9 +6,11 @@
 //!   under LoRA (empty in a full fine-tune). Frozen weights are shared with the reference model
 //!   (the base with the adapters off), so LoRA holds no second copy of the model.
 //!
-//! Both groups hold f32 tensors today (the storage dtype of every backend's compute). The module
-//! is rebuilt around the stored tensors for each micro-batch at no copy cost ([`Params::model`],
-//! [`Params::leaf_model`]).
+//! Storage dtypes: the trainable group is f32 (the optimizer's master weights); the frozen group
+//! keeps what the base was loaded as (`lora_base_dtype`: a bf16/f16 checkpoint stays 2 bytes per
+//! parameter where the device stores it), and the model widens such a weight to f32 where it is
+//! used ([`wrpo_kernels::linear`]). The module is rebuilt around the stored tensors for each
+//! micro-batch at no copy cost ([`Params::model`], [`Params::leaf_model`]).
 
 use std::path::Path;
 
@@ -84,6 +86,37 @@ impl<B: Backend> Params<B> {
             None => lora.init(model_cfg, cfg.seed),
         };
         Ok(Params::lora(model, lora, tensors, device))
+    }
+
+    /// What the frozen group holds on the device, e.g. `1.2M parameters in bf16 (2.3 MiB)`
+    /// (`None` when empty: a full fine-tune).
+    pub fn frozen_storage(&self) -> Option<String> {
+        let mut by_dtype: Vec<(burn::tensor::DType, u64)> = vec![];
+        for t in &self.frozen.values {
+            let n = t.dims()[0] as u64;
+            match by_dtype.iter_mut().find(|(d, _)| *d == t.dtype()) {
+                Some((_, c)) => *c += n,
+                None => by_dtype.push((t.dtype(), n)),
+            }
+        }
+        let bytes: u64 = by_dtype.iter().map(|(d, n)| d.size() as u64 * n).sum();
+        (!by_dtype.is_empty()).then(|| {
+            let parts: Vec<String> = by_dtype
+                .iter()
+                .map(|(d, n)| {
+                    format!(
+                        "{} parameters in {}",
+                        crate::memory::plan::count(*n),
+                        format!("{d:?}").to_lowercase()
+                    )
+                })
+                .collect();
+            format!(
+                "{} ({})",
+                parts.join(" + "),
+                crate::memory::plan::human(bytes)
+            )
+        })
     }
 
     /// The same store with other trainable tensors (a checkpoint's).

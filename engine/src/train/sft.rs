@@ -271,7 +271,11 @@ pub fn run_sft_peer<B: KernelBackend>(
         plan.global_batch,
         if cfg.packing { "sequences" } else { "rows" }
     )));
-    let (initial, _) = setup.source.load::<B>(device)?;
+    // Under LoRA the base is frozen and kept in `lora_base_dtype` (its checkpoint's by default).
+    let (initial, _) = match cfg.lora() {
+        Some(_) => setup.source.load_frozen::<B>(cfg.lora_base_dtype, device)?,
+        None => setup.source.load::<B>(device)?,
+    };
     let params = Params::initial(
         cfg,
         job.paths.adapter.as_deref(),
@@ -279,6 +283,9 @@ pub fn run_sft_peer<B: KernelBackend>(
         &setup.model_cfg,
         device,
     )?;
+    if let Some(frozen) = params.frozen_storage() {
+        on(Event::Note(format!("frozen base on the device: {frozen}")));
+    }
     drop(initial);
 
     // ---- loop and finish: the shared driver, with SFT's micro-batch and metrics ----------------
