@@ -19,6 +19,20 @@ writers are make_train_fixture.py's (imported, not copied).  What differs from i
 - AdamW (foreach=False, one group, weight decay on every LoRA matrix) and clip_grad_norm_ run
   over the trainable (LoRA) parameters only.
 
+Three cases.  `lora_wrpo_k1r1` and `lora_rslora_k2r2` adapt the float32 checkpoint
+tests/fixtures/llama-tied.  The third, `lora_bf16_base`, covers half-precision storage of the
+frozen base: a LoRA run on a bf16 checkpoint keeps the base in bf16 on the device and widens each
+weight to float32 where it is used, so its trajectory must be that of float32 compute on the
+bf16 values.  The script writes that checkpoint, tests/fixtures/lora/base_bf16/ (llama-tied's
+weights rounded to bfloat16 in a bf16 `model.safetensors` with llama-tied's keys (no
+`lm_head.weight`: tied), llama-tied's config.json with `"torch_dtype": "bfloat16"`, its
+generation_config.json and tokenizer files), and trains on it loaded with dtype=torch.float32
+(an exact widening; policy and reference alike).  The case has lora_wrpo_k1r1's rows, training
+configuration and LoRA settings (r 4, α 8, all seven projections, no rsLoRA), so the two
+trajectories differ only by the rounding of the base weights.  Its config.yaml names no model:
+the Rust test points it at base_bf16/.  Its reference log-probs are not compared with the
+full-model fixture (that is the float32 base) but with a plain LlamaForCausalLM on base_bf16/.
+
 See the "LoRA (PEFT) trajectories" section of tests/reference/README.md.
 """
 
@@ -59,6 +73,13 @@ DATA_DIR = T.OUT  # tests/fixtures/train: the training rows are shared with the 
 # what adapter_config.json records as `base_model_name_or_path` (PEFT would write the absolute
 # path of the machine that made the fixture)
 BASE_NAME = "tests/fixtures/llama-tied"
+# the bf16 checkpoint of the third case: llama-tied's weights rounded to bfloat16 (written by
+# write_bf16_base, under OUT, before the cases run)
+BF16_DIR = OUT / "base_bf16"
+BF16_NAME = "tests/fixtures/lora/base_bf16"
+# llama-tied's files that base_bf16/ copies unchanged (generation config + tokenizer); the
+# expected_* files belong to the float32 model's own tests and are not copied
+BF16_COPIED = ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -80,6 +101,13 @@ CASES = {
         cfg=dict(T.CASES["wrpo_k2r2_ls"]["cfg"], learning_rate=1e-2, weight_decay=0.01,
                  max_grad_norm=1.0, num_train_epochs=3, adam_epsilon=1e-6),
         lora=dict(r=8, lora_alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)),
+    # lora_wrpo_k1r1's rows, configuration and LoRA settings on the bf16-rounded base
+    # (base_bf16/, loaded in float32): half-precision storage of the frozen base, float32 compute.
+    # Last, so that the two cases above and adapter_logits.safetensors are unaffected.
+    "lora_bf16_base": dict(
+        data="train_rows.jsonl", k=1, r=1, base="bf16",
+        cfg=dict(T.CASES["wrpo_k1r1"]["cfg"], learning_rate=1e-2, max_grad_norm=0.9),
+        lora=dict(r=4, lora_alpha=8, target_modules=ALL_TARGETS, use_rslora=False)),
 }
 
 # The rows of the adapter-loading fixture: (row of train_rows.jsonl, "chosen"/"rejected", column);
@@ -114,11 +142,89 @@ def write_lora_config(path: Path, cfg: dict, lora: dict):
 
 
 # --------------------------------------------------------------------------------------------
+# the bf16 base checkpoint
+# --------------------------------------------------------------------------------------------
+
+def write_bf16_base(d: Path):
+    """llama-tied's weights rounded to bfloat16 (round-to-nearest-even, torch's `.to`), written
+    with safetensors under llama-tied's exact key names (no lm_head.weight: tied embeddings);
+    llama-tied's config.json with `"torch_dtype": "bfloat16"` (the published checkpoints' layout,
+    as llama-tied's own config.json); its generation config and tokenizer files copied.  Reads
+    llama-tied only; T's state is not touched."""
+    d.mkdir(parents=True)
+    with safe_open(str(T.MODEL_DIR / "model.safetensors"), "pt") as fh:
+        src_keys = list(fh.keys())
+        src_meta = fh.metadata()
+        src = {k: fh.get_tensor(k) for k in src_keys}
+    assert all(v.dtype == torch.float32 for v in src.values())
+    assert "lm_head.weight" not in src
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in src.items()},
+              str(d / "model.safetensors"), metadata=src_meta)
+    with safe_open(str(d / "model.safetensors"), "pt") as fh:
+        assert list(fh.keys()) == src_keys and fh.metadata() == src_meta == {"format": "pt"}
+        for k in src_keys:
+            t = fh.get_tensor(k)
+            assert t.dtype == torch.bfloat16, (k, t.dtype)
+            assert t.shape == src[k].shape and torch.equal(t, src[k].to(torch.bfloat16)), k
+
+    text = (T.MODEL_DIR / "config.json").read_text(encoding="utf-8")
+    assert text.count('"torch_dtype": "float32"') == 1 and '"dtype"' not in text, text
+    text = text.replace('"torch_dtype": "float32"', '"torch_dtype": "bfloat16"')
+    (d / "config.json").write_text(text, encoding="utf-8")
+    cj = json.loads(text)
+    want = dict(json.loads((T.MODEL_DIR / "config.json").read_text(encoding="utf-8")), torch_dtype="bfloat16")
+    assert cj == want and cj["tie_word_embeddings"] is True
+    assert transformers.AutoConfig.from_pretrained(str(d)).dtype == torch.bfloat16
+
+    for name in BF16_COPIED:
+        shutil.copyfile(T.MODEL_DIR / name, d / name)
+    have = sorted(p.name for p in T.MODEL_DIR.iterdir())
+    assert have == sorted(BF16_COPIED + ["config.json", "model.safetensors", "expected_logits.safetensors",
+                                         "expected_logps.json"]), have
+    assert sorted(p.name for p in d.iterdir()) == sorted(BF16_COPIED + ["config.json", "model.safetensors"])
+
+    # the tokenizer loads from the folder alone and is llama-tied's
+    tok_a = AutoTokenizer.from_pretrained(str(d))
+    tok_b = AutoTokenizer.from_pretrained(str(T.MODEL_DIR))
+    assert tok_a.get_vocab() == tok_b.get_vocab() and tok_a.chat_template == tok_b.chat_template
+
+    # loaded in float32: exactly the bf16 values widened, the tied lm_head included
+    m = load_base("bf16")
+    sd = m.state_dict()
+    for k, v in src.items():
+        assert sd[k].dtype == torch.float32
+        assert torch.equal(sd[k], v.to(torch.bfloat16).to(torch.float32)), k
+    assert torch.equal(m.lm_head.weight, m.model.embed_tokens.weight)
+    diff = max(float((sd[k] - v).abs().max()) for k, v in src.items())
+    rel = max(float(((sd[k] - v).abs() / v.abs().clamp(min=1e-30)).max()) for k, v in src.items())
+    # the rounding changed the weights, by at most half a bf16 ulp (unit roundoff 2^-8)
+    assert 0 < diff and rel <= 2.0 ** -8, (diff, rel)
+    return {"max_abs_rounding": diff, "max_rel_rounding": rel, "keys": len(src_keys)}
+
+
+def load_base(base):
+    """The frozen base in float32: llama-tied (make_train_fixture.load_policy), or base_bf16/
+    widened to float32 at load."""
+    if base is None:
+        return T.load_policy()
+    assert base == "bf16"
+    m = transformers.LlamaForCausalLM.from_pretrained(str(BF16_DIR), dtype=torch.float32,
+                                                      attn_implementation="eager")
+    assert m.config.tie_word_embeddings and m.config.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    return m
+
+
+def base_name(spec):
+    return BF16_NAME if spec.get("base") == "bf16" else BASE_NAME
+
+
+# --------------------------------------------------------------------------------------------
 # the LoRA model
 # --------------------------------------------------------------------------------------------
 
-def lora_model(cfg, lora):
-    base = T.load_policy()
+def lora_model(cfg, lora, spec):
+    base = load_base(spec.get("base"))
     torch.manual_seed(cfg["seed"])
     config = LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=0.0,
                         target_modules=list(lora["target_modules"]), use_rslora=lora["use_rslora"],
@@ -129,7 +235,7 @@ def lora_model(cfg, lora):
     # depends on PYTHONHASHSEED; a sorted list makes the file reproducible.  The absolute path of
     # the base model becomes the repository-relative one.
     pc.target_modules = sorted(pc.target_modules)
-    pc.base_model_name_or_path = BASE_NAME
+    pc.base_model_name_or_path = base_name(spec)
     check_lora_layout(model, lora)
     return model
 
@@ -196,7 +302,7 @@ def train_lora(case_name, tok, init_dir: Path):
     assert cfg["loss_type"] == "wrpo"
     data = load_rows(spec, cfg, tok)
 
-    model = lora_model(cfg, lora)
+    model = lora_model(cfg, lora, spec)
     model.train()  # dropout is 0 everywhere: train/eval give the same numbers
     save_adapter(model, init_dir)
     init = lora_state(model)
@@ -287,22 +393,55 @@ def mean_loss(model, cfg, data, alpha):
     return float(loss_rows.mean())
 
 
-def check_ref_matches_full_model_fixture(name, res):
-    """The reference log-probs (PEFT model, adapters disabled) are the base model's: equal to
-    initial_ref_logps of the full-model case with the same rows and micro-batch layout."""
-    full = {"lora_wrpo_k1r1": "wrpo_k1r1", "lora_rslora_k2r2": "wrpo_k2r2_ls"}[name]
-    other = json.loads((T.OUT / full / "expected.json").read_text(encoding="utf-8"))
-    assert T.CASES[full]["cfg"]["per_device_train_batch_size"] == CASES[name]["cfg"]["per_device_train_batch_size"]
+FULL_MODEL_CASE = {"lora_wrpo_k1r1": "wrpo_k1r1", "lora_rslora_k2r2": "wrpo_k2r2_ls", "lora_bf16_base": "wrpo_k1r1"}
+
+
+def ref_gap(a_rows, b_rows):
     worst = 0.0
-    for a, b in zip(res["initial_ref_logps"], other["initial_ref_logps"], strict=True):
+    for a, b in zip(a_rows, b_rows, strict=True):
         for key in ("chosen", "rejected"):
             for x, y in zip(a[key], b[key], strict=True):
                 worst = max(worst, abs(x - y))
+    return worst
+
+
+def check_ref_matches_full_model_fixture(name, res):
+    """The reference log-probs (PEFT model, adapters disabled) are the base model's: equal to
+    initial_ref_logps of the full-model case with the same rows and micro-batch layout.
+
+    Not for lora_bf16_base: the full-model fixture ran on the float32 weights, this case's base
+    is their bf16 rounding, so its log-probs differ by the rounding's effect (recorded, not
+    bounded); check_ref_matches_plain_base checks that case instead."""
+    full = FULL_MODEL_CASE[name]
+    other = json.loads((T.OUT / full / "expected.json").read_text(encoding="utf-8"))
+    assert T.CASES[full]["cfg"]["per_device_train_batch_size"] == CASES[name]["cfg"]["per_device_train_batch_size"]
+    worst = ref_gap(res["initial_ref_logps"], other["initial_ref_logps"])
+    if CASES[name].get("base") == "bf16":
+        assert worst > 1e-5, worst  # the rounding shows: this really is another base
+        return worst
     assert worst <= 1e-5, worst
     return worst
 
 
-def check_adapter_file(d: Path, model, state, lora):
+def check_ref_matches_plain_base(name, res, data):
+    """The reference log-probs equal those of a plain LlamaForCausalLM (no PEFT) loaded from the
+    case's base folder in float32, with the same micro-batch layout."""
+    spec = CASES[name]
+    B = spec["cfg"]["per_device_train_batch_size"]
+    plain = load_base(spec.get("base"))
+    plain.eval()
+    rows = []
+    with torch.no_grad():
+        for m0 in range(0, len(data), B):
+            rc, rr = T.micro_batch_logps(plain, data[m0: m0 + B])
+            for j in range(rc.shape[0]):
+                rows.append({"chosen": [float(x) for x in rc[j]], "rejected": [float(x) for x in rr[j]]})
+    worst = ref_gap(res["initial_ref_logps"], rows)
+    assert worst <= 1e-5, worst
+    return worst
+
+
+def check_adapter_file(d: Path, model, state, lora, base: str):
     """adapter_model.safetensors = PEFT's state dict (keys without the adapter name) holding
     `state`; adapter_config.json records the LoRA hyper-parameters."""
     with safe_open(str(d / "adapter_model.safetensors"), "pt") as fh:
@@ -320,7 +459,7 @@ def check_adapter_file(d: Path, model, state, lora):
     assert ac["use_rslora"] == lora["use_rslora"] and ac["lora_dropout"] == 0.0
     assert ac["target_modules"] == sorted(lora["target_modules"])
     assert ac["peft_type"] == "LORA" and ac["task_type"] == "CAUSAL_LM" and ac["bias"] == "none"
-    assert ac["base_model_name_or_path"] == BASE_NAME and ac["inference_mode"] is True
+    assert ac["base_model_name_or_path"] == base and ac["inference_mode"] is True
     assert ac["fan_in_fan_out"] is False and ac["use_dora"] is False
     assert not ac["modules_to_save"] and not ac["rank_pattern"] and not ac["alpha_pattern"]
     assert ac["layers_to_transform"] is None
@@ -425,6 +564,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(str(T.MODEL_DIR))
     summary = {}
     trained = {}
+    summary["base_bf16"] = write_bf16_base(BF16_DIR)
     for name, spec in CASES.items():
         d = OUT / name
         d.mkdir()
@@ -437,7 +577,8 @@ def main():
         assert all(torch.equal(init[k], init2[k]) for k in init)
         T.check_schedule_against_transformers(cfg, res["total_steps"])
         T.check_gradient_formula(data, cfg["beta"], 0.3, cfg["label_smoothing"])
-        ref_gap = check_ref_matches_full_model_fixture(name, res)
+        full_gap = check_ref_matches_full_model_fixture(name, res)
+        plain_gap = check_ref_matches_plain_base(name, res, data)
 
         st = res["steps"]
         Tn = res["total_steps"]
@@ -469,8 +610,8 @@ def main():
         write_lora_config(d / "config.yaml", cfg, lora)
         T.write_expected(d / "expected.json", res)
         save_adapter(model, d / "final_adapter")
-        check_adapter_file(d / "initial_adapter", model, init, lora)
-        ac = check_adapter_file(d / "final_adapter", model, final, lora)
+        check_adapter_file(d / "initial_adapter", model, init, lora, base_name(spec))
+        ac = check_adapter_file(d / "final_adapter", model, final, lora, base_name(spec))
         trained[name] = model
         summary[name] = {
             "T": Tn, "W": res["warmup_steps"], "lr": cfg["learning_rate"],
@@ -478,7 +619,9 @@ def main():
             "lora": dict(lora, scaling=lora_scaling(lora)),
             "final_loss_all_rows": final_loss,
             "final_max_abs_weight_change": res["final_max_abs_weight_change"],
-            "ref_logps_vs_full_model_fixture_max_abs": ref_gap,
+            "base": base_name(spec),
+            "ref_logps_vs_full_model_fixture_max_abs": full_gap,
+            "ref_logps_vs_plain_base_max_abs": plain_gap,
             "adapter_config": {k: ac[k] for k in ("r", "lora_alpha", "use_rslora", "target_modules")},
             "steps": [{k: x[k] for k in ("step", "loss", "grad_norm", "learning_rate", "cur_alpha",
                                          "rewards/margins", "rewards/accuracies")} for x in st],

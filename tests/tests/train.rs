@@ -586,12 +586,12 @@ fn cpu_resume_is_exact() {
 /// resumed run are the uninterrupted run's (the dropout masks are seeded per update).
 #[test]
 fn cpu_lora_resume_is_exact() {
-    let (case, rows) = LORA_CASES[0];
+    let (case, rows, base) = LORA_CASES[0];
     resume_is_exact(
         "lora-resume",
         &|out, mut args| {
             args.lora_dropout = Some(0.1);
-            lora_job(case, rows, out, args)
+            lora_job(case, rows, base, out, args)
         },
         &["adapter_model.safetensors", "optimizer.safetensors"],
     );
@@ -649,17 +649,23 @@ fn resume_is_exact(name: &str, job: &dyn Fn(&Path, TrainArgs) -> TrainJob, files
 }
 
 /// LoRA cases of `tests/reference/make_lora_fixture.py` (PEFT on transformers): the fixture
-/// folder under `tests/fixtures/lora/` and the training rows under `tests/fixtures/train/`.
-const LORA_CASES: [(&str, &str); 2] = [
-    ("lora_wrpo_k1r1", "train_rows.jsonl"),
-    ("lora_rslora_k2r2", "train_rows_k2r2.jsonl"),
+/// folder under `tests/fixtures/lora/`, the training rows under `tests/fixtures/train/` and the
+/// base model under `tests/fixtures/`.
+type LoraCase = (&'static str, &'static str, &'static str);
+const LORA_CASES: [LoraCase; 2] = [
+    ("lora_wrpo_k1r1", "train_rows.jsonl", "llama-tied"),
+    ("lora_rslora_k2r2", "train_rows_k2r2.jsonl", "llama-tied"),
 ];
 
-/// A LoRA case's job: its config.yaml, the llama-tied base and the fixture's initial adapter
-/// (`--adapter`), so both trainers start from the same A and B.
-fn lora_job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
+/// The case on a bf16 checkpoint (llama-tied rounded to bf16); PEFT trains in f32 on its values.
+const LORA_BF16_CASE: LoraCase = ("lora_bf16_base", "train_rows.jsonl", "lora/base_bf16");
+
+/// A LoRA case's job: its config.yaml, its base and the fixture's initial adapter (`--adapter`),
+/// so both trainers start from the same A and B.
+fn lora_job(case: &str, rows: &str, base: &str, output: &Path, overrides: TrainArgs) -> TrainJob {
     let dir = fixtures().join("lora").join(case);
     let mut job = job_in(&dir, rows, output, overrides);
+    job.paths.model = Some(fixtures().join(base));
     job.paths.adapter = Some(dir.join("initial_adapter"));
     job
 }
@@ -669,17 +675,37 @@ fn lora_job(case: &str, rows: &str, output: &Path, overrides: TrainArgs) -> Trai
 fn lora_parity<B: KernelBackend>(
     device: &B::Device,
     label: &str,
-    cases: &[(&str, &str)],
+    cases: &[LoraCase],
     args: TrainArgs,
 ) {
-    for &(case, rows) in cases {
+    for &(case, rows, base) in cases {
         let out = tmp(&format!("{label}-{case}"));
+        let mut notes = String::new();
         let summary = run_train::<B>(
-            &lora_job(case, rows, &out, args.clone()),
+            &lora_job(case, rows, base, &out, args.clone()),
             device,
-            &mut |_| {},
+            &mut |e| {
+                if let Event::Note(n) = e {
+                    notes += &n;
+                    notes.push('\n');
+                }
+            },
         )
         .unwrap();
+        // The frozen base is stored in its checkpoint's dtype, as loaded and as planned.
+        let stored = if base.contains("bf16") { "bf16" } else { "f32" };
+        let loaded = notes
+            .lines()
+            .find(|l| l.starts_with("frozen base on the device:"))
+            .unwrap_or_default();
+        assert!(
+            loaded.contains(&format!("parameters in {stored} (")) && !loaded.contains(" + "),
+            "{case}: the base is not stored as {stored} alone: {loaded:?}"
+        );
+        assert!(
+            notes.contains(&format!("frozen base parameters, {stored}")),
+            "{case}: the plan does not show a {stored} base:\n{notes}"
+        );
         let dir = fixtures().join("lora").join(case);
         let adapter = "adapter_model.safetensors";
         compare_files(
@@ -713,6 +739,18 @@ fn cpu_lora_trajectories_match_peft() {
         &Default::default(),
         "cpu",
         &LORA_CASES,
+        TrainArgs::default(),
+    );
+}
+
+/// The case on a bf16 checkpoint: the base stays bf16 on the device (2 bytes per parameter) and
+/// is widened at the point of use, so the trajectory is PEFT's f32 training on the bf16 values.
+#[test]
+fn cpu_lora_on_a_bf16_base_matches_peft() {
+    lora_parity::<CpuBackend>(
+        &Default::default(),
+        "cpu-bf16",
+        &[LORA_BF16_CASE],
         TrainArgs::default(),
     );
 }
