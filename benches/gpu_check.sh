@@ -45,11 +45,13 @@ rm -f "$out/failed"
       --attn-implementation $2 --gradient-checkpointing $3 --json \
       | tee -a "$out/bench_step_cuda.jsonl" || echo "bench step ($cfg) failed" >> "$out/failed"
   done
-  echo "== the same update with LoRA r 16 on every linear layer + checkpointing (full_peak_mb: the full fine-tune of the same shape, same run)"
-  timeout 200 "$engine" bench step --backend cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \
-    --intermediate 8192 --vocab 128256 --batch 1 --seq 2048 --steps 2 --warmup 1 \
-    --gradient-checkpointing true --lora-r 16 --json \
-    | tee -a "$out/bench_step_cuda.jsonl" || echo "bench step (LoRA) failed" >> "$out/failed"
+  echo "== the same update with LoRA r 16 on every linear layer + checkpointing, the base in f32 and in bf16 (full_peak_mb: the full fine-tune of the same shape, same run)"
+  for base in f32 bf16; do
+    timeout 200 "$engine" bench step --backend cuda --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \
+      --intermediate 8192 --vocab 128256 --batch 1 --seq 2048 --steps 2 --warmup 1 \
+      --gradient-checkpointing true --lora-r 16 --lora-base-dtype $base --json \
+      | tee -a "$out/bench_step_cuda.jsonl" || echo "bench step (LoRA, $base base) failed" >> "$out/failed"
+  done
 } 2>&1 | tee "$out/gpu_check.txt"
 if [ -f "$out/failed" ]; then
   echo "gpu check: some steps failed (see $out/failed and $out/gpu_check.txt)"

@@ -21,6 +21,10 @@ pub struct PlanCmd {
     /// (with `train`'s preset for it).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder to continue from (as `train --adapter`): its rank, α and
+    /// targets are planned (only its adapter_config.json is read).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The recipe: `train` (WRPO and its baselines) or `sft`.
     #[arg(long, default_value = "train", value_parser = ["train", "sft"])]
     recipe: String,
@@ -71,6 +75,10 @@ pub fn plan_cmd(a: PlanCmd) -> Result<()> {
     };
     let sft = recipe == Recipe::Sft;
     let cfg = settings_of(recipe, a.model.is_none(), a.config.as_deref(), &a.settings)?;
+    let cfg = match &a.adapter {
+        Some(dir) => cfg.with_adapter(dir)?,
+        None => cfg,
+    };
     cfg.validate()?;
     let source = ModelSource::from_arg(a.model.as_deref());
     let model = cfg.model_config(&source)?;

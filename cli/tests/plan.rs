@@ -322,3 +322,34 @@ fn plan_command_prints_the_bench_prediction() {
     assert_eq!(plan["fits"], true);
     assert!(plan["largest_micro_batch"].as_u64().unwrap() > 1000);
 }
+
+/// `plan --adapter` plans the adapter's rank and targets (PEFT's adapter_config.json), and the
+/// frozen base in its checkpoint's dtype: 2 bytes a parameter for a bf16 checkpoint, 4 for f32.
+#[test]
+fn plan_takes_the_adapter_and_the_checkpoint_dtype() {
+    let adapter = fixtures().join("lora/lora_bf16_base/initial_adapter");
+    // r 4 on all seven projections of 2 layers, H 64, I 128: per layer 4 · (64 + 64) · 4 for
+    // q/k/v/o, 4 · (64 + 128) · 3 for gate/up/down.
+    let adapters = 2 * (4 * 128 * 4 + 4 * 192 * 3);
+    for (base, bytes) in [("lora/base_bf16", 2), ("llama-tied", 4)] {
+        let rec = plan_json(
+            &fixtures().join(base),
+            &["--adapter", adapter.to_str().unwrap()],
+        );
+        let plan = &rec["plan"];
+        assert_eq!(
+            plan["trainable"].as_u64().unwrap(),
+            adapters,
+            "{base}: {rec}"
+        );
+        let weights: u64 = plan["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] == "weights")
+            .map(|p| p["bytes"].as_u64().unwrap())
+            .sum();
+        let p = plan["parameters"].as_u64().unwrap();
+        assert_eq!(weights, bytes * p + 4 * adapters, "{base}: {rec}");
+    }
+}
