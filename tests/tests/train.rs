@@ -753,6 +753,17 @@ fn cpu_lora_on_a_bf16_base_matches_peft() {
         &[LORA_BF16_CASE],
         TrainArgs::default(),
     );
+    // The recomputed layers and packed rows widen the same stored weights.
+    lora_parity::<CpuBackend>(
+        &Default::default(),
+        "cpu-bf16-ckpt-packed",
+        &[LORA_BF16_CASE],
+        TrainArgs {
+            gradient_checkpointing: Some(true),
+            padding_free: Some(true),
+            ..Default::default()
+        },
+    );
 }
 
 /// The same with layer checkpointing and padding-free batches (the adapters' gradients through
