@@ -121,19 +121,12 @@ fn ignorable(name: &str, cfg: &LlamaConfig) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
 }
 
+/// f32 / f64 file bytes as f32 values (half precision stays as it is: see [`load_checked_data`]).
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
@@ -205,6 +198,26 @@ pub fn load_checked_in<R>(
     ignore: &dyn Fn(&str) -> bool,
     build: impl FnOnce(&mut dyn FnMut(&str) -> Vec<f32>) -> R,
 ) -> Result<R, ModelError> {
+    load_checked_data(dir, files, specs, ignore, |get| {
+        build(&mut |name| {
+            get(name)
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 after conversion")
+        })
+    })
+}
+
+/// [`load_checked_in`] with a getter of each tensor as flat (`[n]`) data in its file's dtype
+/// (f32, f16 or bf16; f64 as f32).
+pub fn load_checked_data<R>(
+    dir: &Path,
+    files: &[PathBuf],
+    specs: &[(String, Vec<usize>)],
+    ignore: &dyn Fn(&str) -> bool,
+    build: impl FnOnce(&mut dyn FnMut(&str) -> burn::tensor::TensorData) -> R,
+) -> Result<R, ModelError> {
+    use burn::tensor::{DType, TensorData};
     let maps = files
         .iter()
         .map(|f| map(f))
@@ -260,38 +273,6 @@ pub fn load_checked_in<R>(
     }
     Ok(build(&mut |name| {
         let view = tables[where_[name]].tensor(name).expect("validated");
-        to_f32(view.dtype(), view.data()).expect("validated dtype")
-    }))
-}
-
-/// [`load_checked_in`] with a getter of each tensor as flat (`[n]`) data in its file's dtype
-/// (f32, f16 or bf16; f64 as f32).
-pub fn load_checked_data<R>(
-    dir: &Path,
-    files: &[PathBuf],
-    specs: &[(String, Vec<usize>)],
-    ignore: &dyn Fn(&str) -> bool,
-    build: impl FnOnce(&mut dyn FnMut(&str) -> burn::tensor::TensorData) -> R,
-) -> Result<R, ModelError> {
-    use burn::tensor::{DType, TensorData};
-    // Validation (names, shapes, dtypes) is `load_checked_in`'s; the getter reads the file again.
-    load_checked_in(dir, files, specs, ignore, |_| ())?;
-    let maps = files
-        .iter()
-        .map(|f| map(f))
-        .collect::<Result<Vec<_>, _>>()?;
-    let tables = maps
-        .iter()
-        .map(|m| SafeTensors::deserialize(m).expect("validated"))
-        .collect::<Vec<_>>();
-    let find = |name: &str| {
-        tables
-            .iter()
-            .find_map(|t| t.tensor(name).ok())
-            .expect("validated name")
-    };
-    Ok(build(&mut |name| {
-        let view = find(name);
         let n = view.shape().iter().product::<usize>();
         let half = |dtype| TensorData::from_bytes_vec(view.data().to_vec(), [n], dtype);
         match view.dtype() {
