@@ -12,7 +12,7 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use wrpo_kernels::attention::{repeat_kv, AttentionImpl};
-use wrpo_kernels::linear::{frozen_linear, FrozenLinearBackend};
+use wrpo_kernels::linear::{frozen_linear, widen_like, widen_to, FrozenLinearBackend};
 use wrpo_kernels::ModelBackend;
 
 use crate::config::LlamaConfig;
@@ -124,19 +124,6 @@ fn frozen_linear_t<B: FrozenLinearBackend, const D: usize>(
     frozen_linear(x.reshape([rows, inn]), weight).reshape(shape)
 }
 
-/// `w` in `x`'s dtype: a weight stored in half precision (a frozen base) widened at the point of
-/// use; no op otherwise.
-fn widen<B: Backend, const D: usize, const E: usize>(
-    w: Tensor<B, D>,
-    x: &Tensor<B, E>,
-) -> Tensor<B, D> {
-    if w.dtype() == x.dtype() {
-        w
-    } else {
-        w.cast(x.dtype())
-    }
-}
-
 /// The dtype the model computes in: the backend's float element (f32 on every backend today).
 pub fn compute_dtype<B: Backend>() -> burn::tensor::DType {
     use burn::tensor::Element;
@@ -152,13 +139,13 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: FrozenLinearBackend> RmsNorm<B> {
     /// Shapes: `[B, T, H]` → `[B, T, H]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let var = x.clone().powi_scalar(2).mean_dim(2);
         // A division, not `recip()`: a backend's reciprocal may be an approximation.
         let x = x / (var + self.eps).sqrt();
-        let w = widen(self.weight.val(), &x);
+        let w = widen_like(self.weight.val(), &x);
         x * w.unsqueeze::<3>()
     }
 }
@@ -582,17 +569,14 @@ impl<B: ModelBackend> DecoderLayer<B> {
     }
 }
 
-impl<B: Backend> LlamaModel<B> {
+impl<B: FrozenLinearBackend> LlamaModel<B> {
     /// The token embeddings. Shapes: `[B, T]` → `[B, T, H]`.
     /// A table stored in half precision (a frozen base) is gathered, then the rows widened.
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let x = embedding(self.embed_tokens.val(), input_ids);
-        let dtype = compute_dtype::<B>();
-        if x.dtype() == dtype {
-            x
-        } else {
-            x.cast(dtype)
-        }
+        widen_to(
+            embedding(self.embed_tokens.val(), input_ids),
+            compute_dtype::<B>(),
+        )
     }
 }
 
@@ -762,22 +746,6 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// The model with every adapter folded into its weight (`W + s·B·A`, what PEFT's
-    /// `merge_and_unload` computes) and removed.
-    pub fn merge_lora(mut self) -> Self {
-        for l in 0..self.model.layers.len() {
-            for t in Target::ALL {
-                let lin = self.linear_mut(l, t);
-                if let Some(lora) = lin.lora.take() {
-                    let delta = lora.b.val().matmul(lora.a.val()) * lora.scale;
-                    let w = widen(lin.weight.val(), &delta);
-                    lin.weight = Param::initialized(ParamId::new(), w + delta);
-                }
-            }
-        }
-        self
-    }
-
     /// All parameters with their checkpoint names, as f32 host data (for saving).
     pub fn named_tensors(&self) -> Vec<(String, TensorData)> {
         let mut v = Vec::new();
@@ -802,6 +770,22 @@ impl<B: Backend> Llama<B> {
 }
 
 impl<B: FrozenLinearBackend> Llama<B> {
+    /// The model with every adapter folded into its weight (`W + s·B·A`, what PEFT's
+    /// `merge_and_unload` computes) and removed.
+    pub fn merge_lora(mut self) -> Self {
+        for l in 0..self.model.layers.len() {
+            for t in Target::ALL {
+                let lin = self.linear_mut(l, t);
+                if let Some(lora) = lin.lora.take() {
+                    let delta = lora.b.val().matmul(lora.a.val()) * lora.scale;
+                    let w = widen_like(lin.weight.val(), &delta);
+                    lin.weight = Param::initialized(ParamId::new(), w + delta);
+                }
+            }
+        }
+        self
+    }
+
     /// The LM head: `[.., H]` → `[.., V]` (tied to the embeddings when `lm_head` is `None`).
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {

@@ -844,14 +844,21 @@ def main():
 
     # ---- report
     print(json.dumps(summary, indent=1, ensure_ascii=False))
+    total = list_files(FIX)
+    assert total < 3_000_000, total
+
+
+
+def list_files(out: Path) -> int:
+    """Print every file under `out` (size, SHA-256 prefix, path under tests/fixtures); return the
+    total size."""
     total = 0
-    for f in sorted(FIX.rglob("*")):
+    for f in sorted(out.rglob("*")):
         if f.is_file():
             total += f.stat().st_size
             print(f"{f.stat().st_size:>9}  {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}  {f.relative_to(FIX)}")
     print(f"total {total} bytes")
-    assert total < 3_000_000, total
-
+    return total
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,6 @@ gradient accumulation).  See the
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 # Tokenisation helpers of the existing fixture script (importing it does not run its main()).
-from make_fixtures import pad_batch, read_jsonl, seq_logps, tokenize_row, truncate  # noqa: E402
+from make_fixtures import list_files, pad_batch, read_jsonl, seq_logps, tokenize_row, truncate  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -685,18 +684,6 @@ def write_expected(path: Path, res: dict):
     text = "\n".join(lines) + "\n"
     assert json.loads(text) == res
     path.write_text(text, encoding="utf-8")
-
-
-def list_files(out: Path) -> int:
-    """Print every file under `out` (size, SHA-256 prefix, path under tests/fixtures); return the
-    total size."""
-    total = 0
-    for f in sorted(out.rglob("*")):
-        if f.is_file():
-            total += f.stat().st_size
-            print(f"{f.stat().st_size:>9}  {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}  {f.relative_to(FIX)}")
-    print(f"total {total} bytes")
-    return total
 
 
 def main():

@@ -101,7 +101,14 @@ pub fn widen_like<B: FrozenLinearBackend, const D: usize, const E: usize>(
     w: Tensor<B, D>,
     like: &Tensor<B, E>,
 ) -> Tensor<B, D> {
-    let dtype = like.dtype();
+    widen_to(w, like.dtype())
+}
+
+/// `w` in `dtype` through [`FrozenLinearBackend::widen`] (no op when it already is).
+pub fn widen_to<B: FrozenLinearBackend, const D: usize>(
+    w: Tensor<B, D>,
+    dtype: DType,
+) -> Tensor<B, D> {
     if w.dtype() == dtype {
         return w;
     }
